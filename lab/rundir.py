@@ -1,0 +1,114 @@
+"""Run directories: atomic creation, atomic result files, and reading them back.
+
+    runs/<sweep>/<name>/
+        config.toml         the resolved config (TOML)
+        data.npz            the data the run saw (lab.data.load reads it)
+        summary.json        status, params, reference optimum, final metrics, steps to converge, wall time
+        events.out.tfevents.*   TensorBoard scalars, histograms, hparams, config text, figures
+        figures/            PNG figures (single runs)
+
+Every file is written to a temporary name and renamed, so a reader never sees half a file, and
+directories are made with one `mkdir` that fails if the name exists, so two sweeps writing into the
+same runs directory never share or overwrite a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import tomli_w
+
+SUMMARY = "summary.json"
+CONFIG = "config.toml"
+
+
+def check_name(name: str) -> str:
+    """A run or sweep name must be one plain path component (no '/', no '..')."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise ValueError(f"run name must be a plain name without '/', '\\' or a leading '.'; got {name!r}")
+    return name
+
+
+def create(parent: Path, name: str) -> Path:
+    """Create parent/name atomically; if it exists, parent/name-2, -3, ... (never an overwrite)."""
+    check_name(name)
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 100_000):
+        path = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()  # atomic: exactly one creator succeeds
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run directory name for {name!r} in {parent}")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write via a temporary file in the same directory and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(v):
+    """Plain JSON: NaN and infinities become null (JSON has no NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    write_atomic(Path(run_dir) / SUMMARY, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
+
+
+def write_config(run_dir: Path, table: dict) -> None:
+    write_atomic(Path(run_dir) / CONFIG, tomli_w.dumps(table))
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The run's summary, or {'status': 'broken', 'error': ...} when it is missing or unreadable."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or "status" not in summary:
+            raise ValueError("no status")
+        return summary
+    except FileNotFoundError:
+        return {"status": "broken", "error": "summary.json missing"}
+    except (ValueError, OSError) as e:
+        return {"status": "broken", "error": f"summary.json unreadable: {e.__class__.__name__}"}
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run directory below root: those with a config.toml or a summary.json."""
+    root = Path(root)
+    found = {p.parent for pattern in (CONFIG, SUMMARY) for p in root.rglob(pattern)}
+    return sorted(found)
+
+
+def check_writable(path: Path) -> None:
+    """Fail early (before training) if runs cannot be written below `path`."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"runs directory {path} is not a directory ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"runs directory {path} is not writable")

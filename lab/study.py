@@ -1,0 +1,272 @@
+"""Studies: expand a sweep into runs, train them in as few populations as possible, write run directories.
+
+config (+ sweep grid) -> runs -> populations (lab.trainer) -> run directories (lab.rundir, lab.events)
+
+A failure never loses another run's results: each population is trained under its own guard; if one
+raises, its runs are retried alone, so only the run that really fails is recorded as `failed`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lab import config as config_mod
+from lab import data, rundir, trainer
+from lab.config import Config, ConfigError
+from lab.events import EventWriter
+
+# Keys always shown in the HParams dashboard (same key set for every run), besides the swept ones.
+HPARAM_KEYS = ("data.kind", "loss.name", "model.kind", "optim.name", "optim.lr", "optim.schedule", "seed")
+FINAL_METRICS = {"final/loss_train": "loss/train", "final/gap": "convergence/gap", "final/val_mse": "loss/val_mse",
+                 "final/flip_rate": "oscillation/flip_rate", "final/grad_outlier_share": "grad/outlier_share"}
+
+
+@dataclass
+class Run:
+    config: Config
+    name: str
+    swept: dict = field(default_factory=dict)  # swept key -> value
+    dir: Path | None = None
+    summary: dict | None = None
+
+
+def expand(base: Config, sweep: dict[str, list]) -> list[tuple[Config, dict]]:
+    """The grid over every swept key: [(config, {key: value})], in a stable order."""
+    if not sweep:
+        return [(base, {})]
+    keys = list(sweep)
+    out = []
+    for values in itertools.product(*(sweep[k] for k in keys)):
+        swept = dict(zip(keys, values))
+        out.append((config_mod.from_flat({**config_mod.to_flat(base), **swept}, base=None), swept))
+    return out
+
+
+def run_name(cfg: Config, swept: dict) -> str:
+    """Name from what differs: <data.kind>-<loss.name>[-key=value...]-s<seed>, so TensorBoard groups runs sensibly."""
+    parts = [cfg.data.kind, cfg.loss.name]
+    for key, value in swept.items():
+        if key in ("data.kind", "loss.name", "seed"):
+            continue
+        short = key.split(".")[-1]
+        text = "_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        parts.append(f"{short}{text}")
+    parts.append(f"s{cfg.seed}")
+    name = "-".join(parts)
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+
+
+def estimate_bytes(cfgs: list[Config]) -> int:
+    """Rough peak memory of training these runs as populations: data and per-step temporaries.
+
+    Per run and training point about 16 tensors of the training dtype are alive at once (x, y, the
+    prediction, psi, loss values, minibatch copies, metric temporaries), plus the histogram buffers.
+    """
+    total = 0
+    for cfg in cfgs:
+        item = 8 if cfg.dtype == "float64" else 4
+        width = max(cfg.model.hidden) if cfg.model.kind == "mlp" else 1
+        total += (cfg.data.n * (16 + 3 * width) + cfg.data.n_val * (4 + width)) * item * config_mod.n_outputs(cfg)
+    return total
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_fits(cfgs: list[Config]) -> None:
+    need, have = estimate_bytes(cfgs), available_memory()
+    if need > 0.8 * have:
+        raise ConfigError(f"study too large for memory: needs about {need / 2**30:.1f} GiB for {len(cfgs)} runs, "
+                          f"{have / 2**30:.1f} GiB available; use fewer runs or smaller data.n")
+
+
+class _Stop:
+    """Turns SIGTERM into the same path as Ctrl-C: finish the current flush, mark runs interrupted."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        try:
+            signal.signal(signal.SIGTERM, self.previous)
+        except ValueError:
+            pass
+
+
+def execute(runs: list[Run], runs_dir: Path, figures: bool = False, on_done: Callable[[Run], None] | None = None,
+            flush_every: int = 50) -> tuple[list[Run], bool]:
+    """Train every run (grouped into populations) and write its directory.
+
+    Returns (runs, interrupted). Runs whose `dir` is already set are written there (resume);
+    the others get a new directory made atomically below runs_dir.
+    """
+    check_fits([r.config for r in runs])
+    interrupted = False
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(trainer.population_key(r.config), []).append(r)
+    hkeys = list(dict.fromkeys(list(HPARAM_KEYS) + [k for r in runs for k in r.swept]))
+    with _Stop() as stop:
+        for population in groups.values():
+            if interrupted:
+                for r in population:
+                    _prepare(r, runs_dir)
+                    _finish(r, None, "interrupted", hkeys, None)
+                    _notify(on_done, r)
+                continue
+            try:
+                interrupted = _train_population(population, runs_dir, figures, hkeys, on_done, flush_every, stop)
+            except KeyboardInterrupt:
+                interrupted = True
+    return runs, interrupted
+
+
+def _notify(on_done, run):
+    if on_done:
+        on_done(run)
+
+
+def _prepare(run: Run, runs_dir: Path) -> None:
+    if run.dir is None:
+        run.dir = rundir.create(runs_dir, run.name)
+    rundir.write_config(run.dir, config_mod.to_dict(run.config))
+
+
+def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, flush_every, stop) -> bool:
+    """Train one population; on an exception retry its runs alone so one bad run fails alone."""
+    datasets, writers = [], []
+    for r in population:
+        _prepare(r, runs_dir)
+    try:
+        for r in population:
+            ds = data.make(r.config.data.kind, seed=r.config.seed, **config_mod.data_params(r.config.data))
+            ds.save(r.dir / "data.npz")
+            datasets.append(ds)
+        writers = [EventWriter(r.dir) for r in population]
+        for r, w in zip(population, writers):
+            w.add_text("config", _config_markdown(r.config))
+        results = trainer.train([r.config for r in population], datasets, on_log=_log_writer(writers),
+                                on_hist=_hist_writer(writers), flush_every=flush_every,
+                                should_stop=lambda: stop.requested)
+    except KeyboardInterrupt:
+        for r, w in zip(population, writers or [None] * len(population)):
+            _finish(r, None, "interrupted", hkeys, w)
+            _notify(on_done, r)
+        return True
+    except Exception as e:  # noqa: BLE001 — recorded per run, never lost
+        for w in writers:
+            w.close()
+        for r in population:  # the retry starts a fresh event file in the same directory
+            for f in r.dir.glob("events.out.tfevents.*"):
+                f.unlink()
+        if len(population) > 1:
+            interrupted = False
+            for r in population:
+                interrupted = _train_population([r], runs_dir, figures, hkeys, on_done, flush_every, stop) or interrupted
+                if interrupted:
+                    break
+            return interrupted
+        r = population[0]
+        _finish(r, None, "failed", hkeys, None, error=f"{e.__class__.__name__}: {e}",
+                trace=traceback.format_exc(limit=8))
+        _notify(on_done, r)
+        return False
+    for r, w, ds, res in zip(population, writers, datasets, results):
+        if figures:
+            _figures(r, w, ds, res)
+        _finish(r, res, res.status, hkeys, w)
+        _notify(on_done, r)
+    return any(res.status == "interrupted" for res in results)
+
+
+def _log_writer(writers):
+    def on_log(block: trainer.LogBlock):
+        for i, w in enumerate(writers):
+            w.add_scalar_block(block.tags, block.steps, block.values[:, :, i])
+    return on_log
+
+
+def _hist_writer(writers):
+    def on_hist(step, tag, counts, lo, hi):
+        bins = counts.shape[1]
+        for i, w in enumerate(writers):
+            edges = np.linspace(lo[i], hi[i], bins + 1)
+            mids = (edges[:-1] + edges[1:]) / 2
+            c = counts[i]
+            w.add_histogram_raw(tag, min=float(lo[i]), max=float(hi[i]), num=int(c.sum()), sum=float((c * mids).sum()),
+                                sum_squares=float((c * mids**2).sum()), bucket_limits=edges[1:].tolist(),
+                                bucket_counts=c.tolist(), step=step)
+    return on_hist
+
+
+def _config_markdown(cfg: Config) -> str:
+    rows = ["| key | value |", "| --- | --- |"]
+    rows += [f"| {k} | {v} |" for k, v in config_mod.to_flat(cfg).items()]
+    return "\n".join(rows)
+
+
+def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer, error=None, trace=None) -> None:
+    """Write summary.json (atomically), the hparams record, and close the event file."""
+    flat = config_mod.to_flat(run.config)
+    summary = {"status": status, "name": run.name, "swept": run.swept, "config": flat}
+    if res is not None:
+        summary.update(steps=res.steps, params=res.params, reference=res.reference, final=res.final,
+                       steps_to_converge=res.steps_to_converge, diverged_step=res.diverged_step,
+                       last_finite=res.last_finite, wall_s=res.wall_s, population_size=res.population_size)
+    if error:
+        summary["error"] = error
+        summary["traceback"] = trace
+    if writer is not None:
+        if res is not None:
+            hparams = {k: _hparam_value(flat.get(k)) for k in hkeys}
+            metrics = {m: res.final.get(tag, float("nan")) for m, tag in FINAL_METRICS.items()}
+            writer.add_hparams(hparams, metrics, step=max(res.steps, 0))
+        writer.close()
+    rundir.write_summary(run.dir, summary)
+    run.summary = summary
+
+
+def _hparam_value(v):
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    if v is None:
+        return "-"
+    return v
+
+
+def _figures(run: Run, writer, ds, res) -> None:
+    from lab import figures  # noqa: PLC0415 — matplotlib only when figures are asked for
+
+    out = run.dir / "figures"
+    out.mkdir(exist_ok=True)
+    for name, png in figures.run_figures(run.config, ds, res).items():
+        (out / f"{name}.png").write_bytes(png)
+        writer.add_image(f"figures/{name}", png, step=max(res.steps, 0))

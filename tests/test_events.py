@@ -1,0 +1,309 @@
+"""EventWriter files read back by TensorBoard's own readers, byte for byte where it matters."""
+
+import math
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.tensorflow_stub import errors
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import (
+    PyRecordReader_New,
+    masked_crc32c,
+)
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from lab.events import EventWriter
+
+ALL = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+
+
+def accumulate(logdir):
+    acc = EventAccumulator(str(logdir), size_guidance=ALL)
+    acc.Reload()
+    return acc
+
+
+def records(path):
+    """Each record's data, checking both masked CRCs with TensorBoard's own CRC-32C."""
+    raw = Path(path).read_bytes()
+    out, pos = [], 0
+    while pos < len(raw):
+        (length,) = struct.unpack_from("<Q", raw, pos)
+        (length_crc,) = struct.unpack_from("<I", raw, pos + 8)
+        assert length_crc == masked_crc32c(raw[pos:pos + 8])
+        data = raw[pos + 12:pos + 12 + length]
+        (data_crc,) = struct.unpack_from("<I", raw, pos + 12 + length)
+        assert data_crc == masked_crc32c(data)
+        out.append(data)
+        pos += 16 + length
+    assert pos == len(raw)  # whole records only
+    return out
+
+
+def scalar_event(step, wall_time, tags, values):
+    """The Event TensorBoard's protos build for the same scalars."""
+    return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values)]))
+
+
+def f32(x):
+    return float(np.float32(x))
+
+
+def tiny_png(width, height):
+    """A valid RGB PNG made with zlib, since no image library is a dependency."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+    rows = b"".join(b"\x00" + bytes(3 * width) for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_file_name_and_version_record(tmp_path):
+    with EventWriter(tmp_path / "run", filename_suffix=".lab") as w:
+        pass
+    (name,) = os.listdir(tmp_path / "run")
+    assert name == os.path.basename(w.path)
+    assert re.fullmatch(r"events\.out\.tfevents\.\d{10}\..+\.\d+\.\d+\.lab", name)
+    (first,) = records(w.path)
+    assert event_pb2.Event.FromString(first).file_version == "brain.Event:2"
+
+
+def test_writers_in_one_dir_get_separate_files(tmp_path):
+    writers = [EventWriter(tmp_path) for _ in range(3)]
+    for i, w in enumerate(writers):
+        w.add_scalars(i, {"a": float(i)})
+        w.close()
+    assert len(os.listdir(tmp_path)) == 3
+    assert [(e.step, e.value) for e in accumulate(tmp_path).Scalars("a")] == [
+        (0, 0.0), (1, 1.0), (2, 2.0)]
+
+
+def test_scalars_round_trip_through_event_accumulator(tmp_path):
+    rng = np.random.default_rng(0)
+    tags = ["loss/train", "loss/val", "grad/norm"]
+    steps = np.arange(10_000)  # crosses the 1- to 2-byte step varint at 128
+    values = rng.standard_normal((10_000, 3)) * 1e3  # float64, rounded on write
+    with EventWriter(tmp_path) as w:
+        for lo in range(0, 10_000, 1000):
+            w.add_scalar_block(tags, steps[lo:lo + 1000], values[lo:lo + 1000])
+        w.add_scalars(10_000, {"loss/train": 0.5, "residual/max": 2.0})  # several tags, one event
+    acc = accumulate(tmp_path)
+    assert sorted(acc.Tags()["scalars"]) == sorted(tags + ["residual/max"])
+    for t, tag in enumerate(tags):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == list(range(10_000)) + ([10_000] if t == 0 else [])
+        read = np.array([e.value for e in events[:10_000]])
+        np.testing.assert_array_equal(read, values[:, t].astype(np.float32).astype(np.float64))
+    assert [(e.step, e.value) for e in acc.Scalars("residual/max")] == [(10_000, 2.0)]
+
+
+def test_non_finite_scalars_survive(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.add_scalars(0, {"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1e40})
+        w.add_scalar_block(["a", "b"], np.arange(1, 41), np.full((40, 2), [math.nan, -1e39]))
+    acc = accumulate(tmp_path)
+    assert all(math.isnan(e.value) for e in acc.Scalars("a"))
+    assert [e.value for e in acc.Scalars("b")] == [math.inf] + [-math.inf] * 40
+    assert acc.Scalars("c")[0].value == -math.inf
+    assert acc.Scalars("d")[0].value == math.inf  # protobuf's float32 cast gives inf too
+
+
+@pytest.mark.parametrize("n_steps", [3, 40])  # event-by-event and vectorised encoders
+def test_scalar_bytes_equal_protobuf_serialisation(tmp_path, n_steps):
+    # Steps cover every varint length class: 1, 2, 3, 5, 9 and 10 bytes (negative int64).
+    special = [1, 127, 128, 300, 16_384, 2**31, 2**62, -1, -(2**63), 2**63 - 1]
+    steps = np.array((special * 4)[:n_steps], np.int64)
+    tags = ["a", "loss/" + "x" * 200, "ünïcode"]  # 200-byte tag: 2-byte length varint
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((n_steps, 3))
+    values[0] = [0.0, -0.0, 1e-45]  # zeros are still written: simple_value is in a oneof
+    wall_times = 1.7e9 + rng.random(n_steps)
+    with EventWriter(tmp_path) as w:
+        w.add_scalar_block(tags, steps, values, wall_times)
+    data = records(w.path)[1:]
+    assert len(data) == n_steps
+    for s in range(n_steps):
+        expected = scalar_event(int(steps[s]), wall_times[s], tags, values[s].tolist())
+        assert event_pb2.Event.FromString(data[s]) == expected
+        # Nonzero step and wall time: protobuf writes every field, so even the bytes agree.
+        assert data[s] == expected.SerializeToString()
+
+
+def test_step_zero_decodes_like_protobuf(tmp_path):
+    # Protobuf omits step 0; the template writes it, which decodes to the same Event.
+    with EventWriter(tmp_path) as w:
+        w.add_scalars(0, {"a": 1.5}, wall_time=0.0)
+    assert event_pb2.Event.FromString(records(w.path)[1]) == scalar_event(0, 0.0, ["a"], [1.5])
+
+
+def test_block_equals_repeated_add_scalars(tmp_path):
+    tags = ["x", "y"]
+    steps = np.arange(100, 200)
+    values = np.random.default_rng(2).standard_normal((100, 2)).astype(np.float32)
+    wall_times = np.linspace(1e9, 1e9 + 10, 100)
+    with EventWriter(tmp_path / "block") as block, EventWriter(tmp_path / "dict") as single:
+        block.add_scalar_block(tags, steps, values, wall_times)
+        for s in range(100):
+            single.add_scalars(int(steps[s]), dict(zip(tags, values[s].tolist())),
+                               wall_time=float(wall_times[s]))
+    assert records(block.path)[1:] == records(single.path)[1:]
+
+
+def test_torch_inputs_and_scalar_wall_time(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.add_scalar_block(["a"], torch.arange(50), torch.ones(50, 1, dtype=torch.bfloat16), 5.0)
+    events = accumulate(tmp_path).Scalars("a")
+    assert [(e.wall_time, e.step, e.value) for e in events] == [(5.0, s, 1.0) for s in range(50)]
+
+
+def test_same_scalars_as_summary_writer(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    values = np.random.default_rng(3).standard_normal((30, 2))
+    with SummaryWriter(tmp_path / "ref") as ref, EventWriter(tmp_path / "lab") as w:
+        for s in range(30):
+            for t, tag in enumerate(["a", "b"]):
+                ref.add_scalar(tag, values[s, t], s)
+        w.add_scalar_block(["a", "b"], np.arange(30), values)
+    ours, theirs = accumulate(tmp_path / "lab"), accumulate(tmp_path / "ref")
+    for tag in ["a", "b"]:
+        assert ([(e.step, e.value) for e in ours.Scalars(tag)]
+                == [(e.step, e.value) for e in theirs.Scalars(tag)])
+
+
+def test_corrupt_byte_is_caught_by_tensorboard_reader(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.add_scalar_block(["a"], np.arange(40), np.arange(40.0)[:, None])
+    raw = bytearray(Path(w.path).read_bytes())
+    sizes = [16 + len(d) for d in records(w.path)]
+    corrupt = sum(sizes[:10])  # record 10 (step 9) starts here
+    raw[corrupt + 12 + 5] ^= 0x01  # one bit of its wall time
+    Path(w.path).write_bytes(bytes(raw))
+    assert len(list(RawEventFileLoader(w.path).Load())) == 10  # stops at the bad record
+    reader = PyRecordReader_New(w.path)
+    for _ in range(10):
+        reader.GetNext()
+    with pytest.raises(errors.DataLossError, match="crc32"):
+        reader.GetNext()
+
+
+def test_histogram(tmp_path):
+    values = np.random.default_rng(4).standard_normal(1000)
+    with EventWriter(tmp_path) as w:
+        w.add_histogram("w/hist", np.append(values, [np.nan, np.inf]), step=3, bins=20)
+        w.add_histogram("w/torch", torch.tensor(values, dtype=torch.float32).reshape(10, 100), 4)
+        w.add_histogram("w/empty", np.array([np.nan]), 5)  # nothing finite: nothing written
+        w.add_histogram_raw("w/raw", 0.0, 3.0, 6, 9.0, 17.0, [1.0, 2.0, 3.0], [1, 2, 3], step=6)
+    acc = accumulate(tmp_path)
+    assert sorted(acc.Tags()["histograms"]) == ["w/hist", "w/raw", "w/torch"]
+    (event,) = acc.Histograms("w/hist")
+    h = event.histogram_value
+    assert event.step == 3
+    assert (h.num, sum(h.bucket), len(h.bucket)) == (1000, 1000, 20)  # NaN/inf left out
+    assert (h.min, h.max) == (values.min(), values.max())
+    assert h.sum == pytest.approx(values.sum()) and h.sum_squares == pytest.approx(values @ values)
+    assert h.bucket_limit[-1] == values.max()
+    assert sum(acc.Histograms("w/torch")[0].histogram_value.bucket) == 1000
+    raw = acc.Histograms("w/raw")[0].histogram_value
+    assert (raw.num, raw.sum, list(raw.bucket_limit), list(raw.bucket)) == (
+        6, 9.0, [1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+
+
+def test_text_image_and_any_summary(tmp_path):
+    from torch.utils.tensorboard.summary import scalar
+
+    png = tiny_png(5, 3)
+    with EventWriter(tmp_path) as w:
+        w.add_text("config", "| key | value |\n|---|---|\n| lr | 0.1 |", step=0)
+        w.add_image("figures/residuals", png, step=7)
+        w.add_summary(scalar("from/torch", 2.5), step=9)
+    acc = accumulate(tmp_path)
+    tags = acc.Tags()
+    assert tags["tensors"] == ["config"] and tags["images"] == ["figures/residuals"]
+    text = acc.Tensors("config")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("| key | value |")
+    assert acc.summary_metadata["config"].plugin_data.plugin_name == "text"
+    (image,) = acc.Images("figures/residuals")
+    assert (image.step, image.width, image.height, image.encoded_image_string) == (7, 5, 3, png)
+    assert [(e.step, e.value) for e in acc.Scalars("from/torch")] == [(9, 2.5)]
+    with pytest.raises(ValueError, match="PNG"):
+        w.add_image("x", b"GIF89a...")
+
+
+def test_hparams_live_in_the_runs_own_file(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.add_hparams({"lr": 0.1, "loss": "huber", "delta": 1}, {"final/loss": 0.25}, step=100)
+    assert os.listdir(tmp_path) == [os.path.basename(w.path)]  # no timestamp subfolder
+    acc = accumulate(tmp_path)
+    content = acc.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    assert set(content) == {hparams_metadata.EXPERIMENT_TAG, hparams_metadata.SESSION_START_INFO_TAG,
+                            hparams_metadata.SESSION_END_INFO_TAG}
+    start = hparams_metadata.parse_session_start_info_plugin_data(
+        content[hparams_metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["lr"].number_value == 0.1
+    assert start.hparams["loss"].string_value == "huber"
+    experiment = hparams_metadata.parse_experiment_plugin_data(
+        content[hparams_metadata.EXPERIMENT_TAG])
+    assert {h.name for h in experiment.hparam_infos} == {"lr", "loss", "delta"}
+    assert [m.name.tag for m in experiment.metric_infos] == ["final/loss"]
+    assert [(e.step, e.value) for e in acc.Scalars("final/loss")] == [(100, 0.25)]
+
+
+def test_hparams_without_experiment(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.add_hparams({"lr": 0.1}, {"m": 1.0}, experiment=False)
+    content = accumulate(tmp_path).PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    assert hparams_metadata.EXPERIMENT_TAG not in content
+    assert hparams_metadata.SESSION_START_INFO_TAG in content
+
+
+def test_flush_leaves_a_readable_file_and_close_is_idempotent(tmp_path):
+    w = EventWriter(tmp_path)
+    w.add_scalar_block(["a"], np.arange(50), np.zeros((50, 1)))
+    assert len(records(w.path)) == 1  # buffered: only the version record so far
+    w.flush()
+    assert len(accumulate(tmp_path).Scalars("a")) == 50
+    w.add_scalar("a", 1.0, 50)
+    w.close()
+    w.close()
+    assert len(accumulate(tmp_path).Scalars("a")) == 51
+    with pytest.raises(ValueError, match="closed"):
+        w.add_scalars(51, {"a": 1.0})
+
+
+def test_buffer_limit_flushes_automatically(tmp_path):
+    w = EventWriter(tmp_path, max_buffer_bytes=1000)
+    for s in range(100):
+        w.add_scalars(s, {"a": 1.0})
+    n_records = len(records(w.path))
+    assert 1 < n_records < 101  # whole records reached the file without flush()
+    w.close()
+    assert len(records(w.path)) == 101
+
+
+def test_invalid_inputs(tmp_path):
+    with EventWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match=r"\[S, 2\]"):
+            w.add_scalar_block(["a", "b"], np.arange(3), np.zeros((3, 3)))
+        with pytest.raises(ValueError, match="wall_times"):
+            w.add_scalar_block(["a"], np.arange(3), np.zeros((3, 1)), wall_times=np.zeros(2))
+        with pytest.raises(TypeError, match="integers"):
+            w.add_scalar_block(["a"], np.arange(3.0), np.zeros((3, 1)))
+        with pytest.raises(TypeError, match="real numbers"):
+            w.add_scalar_block(["a"], np.arange(3), np.zeros((3, 1), complex))
+        with pytest.raises(ValueError, match="duplicate"):
+            w.add_scalar_block(["a", "a"], np.arange(3), np.zeros((3, 2)))
+        with pytest.raises(TypeError, match="real numbers"):
+            w.add_scalars(0, {"a": "high"})
+    assert len(records(w.path)) == 1  # nothing half-written

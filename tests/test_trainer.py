@@ -1,0 +1,176 @@
+"""The population trainer: exact optima, equivalence with runs alone and with torch.optim, behaviour metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from lab import config, data, losses, reference, trainer
+
+
+def cfg(**flat):
+    base = {"device": "cpu", "dtype": "float64", "train.figures": False}
+    return config.from_flat({**base, **flat})
+
+
+def train(cfgs, **kw):
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    blocks = []
+    res = trainer.train(cfgs, datasets, on_log=blocks.append, **kw)
+    return res, datasets, blocks
+
+
+def series(blocks, tag, run=0):
+    """(steps, values) of one tag of one run from the logged blocks."""
+    steps = np.concatenate([b.steps for b in blocks])
+    t = blocks[0].tags.index(tag)
+    return steps, np.concatenate([b.values[:, t, run] for b in blocks])
+
+
+def test_mse_converges_to_least_squares():
+    # Expected: numpy's least-squares line through the same training points.
+    c = cfg(**{"data.kind": "clean", "data.n": 100, "train.steps": 1500, "optim.lr": 0.1})
+    (res,), (ds,), _ = train([c])
+    slope, intercept = np.polyfit(ds.x[:, 0].numpy(), ds.y.numpy(), 1)
+    assert res.status == "completed"
+    assert res.params["slope"] == pytest.approx(slope, abs=1e-8)
+    assert res.params["intercept"] == pytest.approx(intercept, abs=1e-8)
+    assert res.final["convergence/gap"] < 1e-12
+    assert res.steps_to_converge is not None and 0 < res.steps_to_converge < 1500
+
+
+@pytest.mark.parametrize("loss,extra", [("mae", {}), ("quantile", {"loss.tau": 0.8})])
+def test_lp_losses_reach_the_lp_optimum_with_a_decaying_rate(loss, extra):
+    # Expected: the exact LP optimum from scipy's HiGHS (lab.reference); the gap shrinks to ~0.
+    c = cfg(**{"data.kind": "outliers", "data.n": 100, "loss.name": loss, **extra, "train.steps": 4000,
+               "optim.lr": 0.5, "optim.schedule": "exponential", "optim.gamma": 1e-4})
+    (res,), (ds,), _ = train([c])
+    ref = reference.solve(loss, config.loss_params(c), "linear", ds.x, ds.y)
+    assert res.reference["loss"] == pytest.approx(ref.loss, rel=1e-12)
+    assert res.final["convergence/gap"] < 1e-4 * ref.loss
+    assert res.final["convergence/gap"] >= -1e-12  # nothing beats the exact optimum
+
+
+def test_huber_converges_to_its_float64_optimum():
+    c = cfg(**{"data.kind": "heavy_tailed", "data.n": 150, "loss.name": "huber", "loss.delta": 0.5,
+               "train.steps": 3000, "optim.lr": 0.5})
+    (res,), (ds,), _ = train([c])
+    ref = reference.solve("huber", {"delta": 0.5}, "linear", ds.x, ds.y)
+    assert res.params["slope"] == pytest.approx(ref.params["slope"], abs=1e-7)
+    assert res.params["intercept"] == pytest.approx(ref.params["intercept"], abs=1e-7)
+
+
+def test_population_equals_runs_alone_with_mixed_losses():
+    # Five runs that differ in loss, loss parameter, dataset, seed, lr, momentum and schedule, trained
+    # together, must equal each trained alone (float64, 1e-10) — also in every logged scalar.
+    flats = [
+        {"loss.name": "mae", "seed": 3, "optim.lr": 0.05},
+        {"loss.name": "huber", "loss.delta": 0.3, "data.kind": "outliers", "optim.momentum": 0.9, "optim.lr": 0.01},
+        {"loss.name": "mse", "seed": 1, "optim.schedule": "cosine"},
+        {"loss.name": "huber", "loss.delta": 2.0, "data.kind": "skewed", "seed": 7},
+        {"loss.name": "rmse", "data.kind": "heavy_tailed", "optim.clip_grad_norm": 0.1},
+    ]
+    common = {"data.n": 64, "train.steps": 300, "train.log_every": 25}
+    cfgs = [cfg(**common, **f) for f in flats]
+    together, _, blocks = train(cfgs)
+    for i, c in enumerate(cfgs):
+        (alone,), _, blocks_alone = train([c])
+        for key in alone.params:
+            assert together[i].params[key] == pytest.approx(alone.params[key], abs=1e-10)
+        t_all = np.concatenate([b.values[:, :, i] for b in blocks])
+        t_one = np.concatenate([b.values[:, :, 0] for b in blocks_alone])
+        assert np.allclose(t_all, t_one, atol=1e-10, equal_nan=True)
+
+
+def test_population_of_one_equals_torch_optim_loop():
+    # Reference: the ordinary PyTorch loop — nn.Linear, the lab's HuberLoss module, torch.optim.Adam,
+    # autograd — from the same initial parameters on the same data.
+    c = cfg(**{"loss.name": "huber", "loss.delta": 0.7, "optim.name": "adam", "optim.lr": 0.02,
+               "data.kind": "outliers", "data.n": 80, "train.steps": 200})
+    (res,), (ds,), _ = train([c])
+    from lab import models
+
+    model = models.make("linear")
+    init = model.init(trainer.init_seed(c.seed), dtype=torch.float64)
+    lin = torch.nn.Linear(1, 1).double()
+    with torch.no_grad():
+        lin.weight.copy_(init["weight"])
+        lin.bias.copy_(init["bias"])
+    opt = torch.optim.Adam(lin.parameters(), lr=0.02)
+    loss_fn = losses.build("huber", delta=0.7)
+    x, y = ds.x.double(), ds.y.double()
+    for _ in range(200):
+        opt.zero_grad()
+        loss_fn(lin(x)[:, 0], y).backward()
+        opt.step()
+    assert res.params["slope"] == pytest.approx(lin.weight.item(), abs=1e-10)
+    assert res.params["intercept"] == pytest.approx(lin.bias.item(), abs=1e-10)
+
+
+def test_mae_oscillates_under_constant_rate_and_settles_with_decay():
+    # The guide: MAE's constant-size gradient makes it oscillate near the optimum; MSE settles; a
+    # decaying rate calms MAE. flip_rate = share of steps whose update reverses direction.
+    # n = 1000: with few points the iterate can cycle through several vertices of the piecewise-linear
+    # MAE surface (fewer direct reversals, flip rate ~0.1 at n = 100); with many it flips nearly every step.
+    common = {"data.n": 1000, "train.steps": 2000, "optim.lr": 0.05}
+    mae = cfg(**common, **{"loss.name": "mae"})
+    mse = cfg(**common, **{"loss.name": "mse"})
+    mae_decay = cfg(**common, **{"loss.name": "mae", "optim.schedule": "exponential", "optim.gamma": 1e-3})
+    huber = cfg(**common, **{"loss.name": "huber", "loss.delta": 0.1})
+    res, _, _ = train([mae, mse, mae_decay, huber])
+    assert res[0].final["oscillation/flip_rate"] > 0.3
+    assert res[1].final["oscillation/flip_rate"] < 0.05
+    assert res[3].final["oscillation/flip_rate"] < 0.05
+    # A decaying rate does not stop the reversals, it shrinks them: compare the amplitude.
+    assert res[2].final["oscillation/param_amplitude"] < 0.01 * res[0].final["oscillation/param_amplitude"]
+
+
+def test_mse_gradient_is_dominated_by_outliers_mae_is_not():
+    common = {"data.kind": "outliers", "data.n": 200, "data.outlier_fraction": 0.05, "data.outlier_scale": 20.0,
+              "train.steps": 500, "optim.lr": 0.05}
+    res, (ds, _), _ = train([cfg(**common, **{"loss.name": "mse"}), cfg(**common, **{"loss.name": "mae"})])
+    assert int(ds.outlier.sum()) == 10
+    mse_share, mae_share = res[0].final["grad/outlier_share"], res[1].final["grad/outlier_share"]
+    # MAE: every point pushes with |sign| = 1, so the outliers' share is their share of points (5%).
+    assert mae_share == pytest.approx(0.05, abs=0.01)
+    assert mse_share > 0.5 and mse_share > 10 * mae_share
+
+
+def test_divergence_stops_only_that_run():
+    common = {"data.n": 50, "train.steps": 200, "data.target_scale": 1000.0}
+    res, _, blocks = train([cfg(**common, **{"optim.lr": 5.0}), cfg(**common, **{"optim.lr": 1e-8})])
+    assert res[0].status == "diverged" and res[0].diverged_step is not None and res[0].diverged_step < 200
+    assert all(np.isfinite(v) for v in res[0].last_finite.values())
+    assert res[1].status == "completed"
+    assert np.isfinite(series(blocks, "loss/train", run=1)[1]).all()
+
+
+def test_normalize_targets_reports_original_units():
+    # Same optimum for MSE (scale-equivariant), reported in original units either way.
+    common = {"data.n": 100, "data.target_scale": 1000.0, "train.steps": 1500, "optim.lr": 0.1}
+    res, (ds, _), _ = train([cfg(**common, **{"train.normalize_targets": True}),
+                               cfg(**{**common, "optim.lr": 1e-7})])
+    slope, intercept = np.polyfit(ds.x[:, 0].numpy(), ds.y.numpy(), 1)
+    assert res[0].params["slope"] == pytest.approx(slope, rel=1e-8)
+    assert res[0].params["intercept"] == pytest.approx(intercept, rel=1e-8)
+    assert res[0].final["loss/train"] == pytest.approx(np.mean((slope * ds.x[:, 0].numpy() + intercept - ds.y.numpy()) ** 2),
+                                                       rel=1e-6)
+
+
+def test_minibatches_are_seeded_per_run():
+    common = {"data.n": 64, "train.batch_size": 16, "train.steps": 100}
+    a = cfg(**common, seed=1)
+    b = cfg(**common, seed=2)
+    together, _, _ = train([a, b])
+    (alone,), _, _ = train([b])
+    assert together[1].params == pytest.approx(alone.params, abs=1e-12)
+    assert together[0].params != pytest.approx(together[1].params, abs=1e-6)
+
+
+def test_every_tag_is_logged_and_finite_on_clean_data():
+    (res,), _, blocks = train([cfg(**{"train.steps": 100, "train.log_every": 10})])
+    steps, _ = series(blocks, "loss/train")
+    assert list(steps) == list(range(0, 101, 10))
+    for tag in blocks[0].tags:
+        if tag != "grad/outlier_share":
+            assert np.isfinite(series(blocks, tag)[1]).all(), tag
+    assert set(res.final) == set(blocks[0].tags)
