@@ -1,7 +1,8 @@
 """The `lab` command line: run, sweep, report, claims, losses, config.
 
-Every user mistake ends as one line on stderr and exit code 2 — never a traceback. Exit codes:
-0 success, 1 a run failed, 2 bad input, 3 `lab run` diverged, 130 interrupted.
+Every user mistake ends as one line on stderr and exit code 2 — never a traceback — and is found
+before any training starts. Exit codes: 0 success, 1 a run failed, 2 bad input, 3 `lab run`
+diverged, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,20 +12,36 @@ import math
 import sys
 from pathlib import Path
 
+DESCRIPTION = """\
+A training-behaviour lab for regression losses: MSE, MAE, Huber, log-cosh, quantile and the robust
+family, trained for real on synthetic data whose truth is known, and measured (convergence to the
+exact optimum, oscillation, gradient shares of outliers) in TensorBoard and summary tables."""
+
 EPILOG = """\
 examples:
-  lab losses                                   every loss with its formula and parameters
-  lab config                                   every config key with its default and meaning
-  lab run configs/outliers.toml                train one run into runs/
-  lab run configs/clean.toml loss.name=huber loss.delta=0.5 optim.lr=0.1
-  lab sweep configs/clean.toml loss.name=mse,mae,huber seed=0,1,2
-  lab sweep experiments/oscillation.toml --resume
-  lab report runs/oscillation --by loss.name
-  lab claims --quick                           every claim of the guide, measured
-  tensorboard --logdir runs                    compare runs (scalars, HParams, custom scalars)
+  lab losses
+  lab config
+  lab config configs/outliers.toml loss.name=huber        show the resolved config, train nothing
+  lab run configs/outliers.toml                           one run into runs/outliers
+  lab run configs/clean.toml loss.name=huber loss.delta=0.5 optim.lr=0.1 --name huber-clean
+  lab sweep configs/outliers.toml loss.name=mse,mae,huber seed=0,1,2
+  lab sweep configs/sweep_losses.toml --resume            finish an interrupted sweep
+  lab report runs/outliers --by loss.name                 mean ± std over seeds, one row per loss
+  lab report runs --csv table.csv --markdown table.md
+  tensorboard --logdir runs                               scalars, HParams, custom scalars
 
-config files are TOML (see configs/); KEY=VALUE words override them (dotted keys,
-TOML values: numbers, true/false, [lists], strings). In a sweep, KEY=V1,V2 lists values.
+configs:
+  Config files are TOML (configs/ holds presets); `lab config` lists every key. KEY=VALUE words
+  after the file override it with dotted keys and TOML values: train.steps=500, loss.delta=0.5,
+  model.hidden=[64,64], data.leverage=true, loss.name=huber. In `lab sweep` a comma list sweeps
+  (loss.name=mse,mae  loss.tau=0.1,0.9  model.hidden=[32],[64,64]); a [sweep] table in the file
+  does the same ("loss.name" = ["mse", "mae"]). Runs that share a model shape, data size and
+  step count train together as one population.
+
+run directories:
+  runs/<name>/ for `lab run`; runs/<sweep name>/<data.kind>-<loss.name>[-<key><value>]-s<seed>/
+  for sweeps (a new name gets -2, -3, ...: nothing is overwritten). Each holds config.toml,
+  summary.json, data.npz, a TensorBoard event file and (single runs) figures/.
 
 exit codes: 0 ok, 1 a run failed, 2 bad input, 3 the run diverged, 130 interrupted.
 """
@@ -36,31 +53,40 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + message and exits 2; keep it to one line
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lab", description="A training-behaviour lab for regression losses (MSE, MAE, Huber, ...).",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="lab", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    raw = argparse.RawDescriptionHelpFormatter
 
-    run = sub.add_parser("run", help="train one run", description="Train one run and write its run directory.")
-    run.add_argument("config", help="TOML config file")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. loss.delta=0.5")
+    run = sub.add_parser("run", help="train one run", formatter_class=raw,
+                         description="Train one run and write its run directory.",
+                         epilog="example:\n  lab run configs/outliers.toml loss.name=huber train.steps=500")
+    run.add_argument("config", help="TOML config file (configs/ holds presets)")
+    run.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. loss.delta=0.5")
     run.add_argument("--runs-dir", default="runs", help="parent of run directories (default: runs)")
-    run.add_argument("--name", help="run directory name (default: from the config)")
+    run.add_argument("--name", help="run directory name (default: the config's name)")
     run.add_argument("--no-figures", action="store_true", help="skip the end-of-run figures")
 
-    sw = sub.add_parser("sweep", help="train the grid of a sweep",
-                        description="Train every combination of the swept values, in as few populations as possible.")
+    sw = sub.add_parser("sweep", help="train the grid of a sweep", formatter_class=raw,
+                        description="Train every combination of the swept values, in as few populations as\n"
+                                    "possible; each run gets its own directory below runs/<name>/.",
+                        epilog="examples:\n  lab sweep configs/outliers.toml loss.name=mse,mae,huber seed=0,1,2\n"
+                               "  lab sweep configs/sweep_losses.toml --resume")
     sw.add_argument("config", help="TOML config file (its [sweep] table lists values)")
-    sw.add_argument("overrides", nargs="*", metavar="KEY=V1,V2", help="a value or a comma list of values to sweep")
+    sw.add_argument("overrides", nargs="*", default=[], metavar="KEY=V1,V2", help="a value, or a comma list of values to sweep")
     sw.add_argument("--runs-dir", default="runs", help="parent of the sweep directory (default: runs)")
     sw.add_argument("--name", help="sweep directory name (default: the config's name)")
-    sw.add_argument("--resume", action="store_true", help="skip runs whose summary.json says completed")
+    sw.add_argument("--resume", action="store_true",
+                    help="continue in the existing sweep directory; skip runs whose summary.json says completed")
 
-    rep = sub.add_parser("report", help="table over finished runs", description="One table over the runs below DIR.")
-    rep.add_argument("dir", help="directory holding run directories")
+    rep = sub.add_parser("report", help="table over finished runs", formatter_class=raw,
+                         description="One table over the runs below DIR: swept keys, status, final metrics,\n"
+                                     "fitted parameters, steps to converge.",
+                         epilog="example:\n  lab report runs/outliers --by loss.name --csv outliers.csv")
+    rep.add_argument("dir", help="directory holding run directories (searched recursively)")
     rep.add_argument("--by", help="aggregate (mean ± std) over the other keys, grouped by these comma-separated keys")
     rep.add_argument("--csv", help="also write the table as CSV")
     rep.add_argument("--markdown", help="also write the table as Markdown")
@@ -71,17 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", default="runs/claims", help="output directory (default: runs/claims)")
 
     sub.add_parser("losses", help="list every loss with its formula and parameters")
-    sub.add_parser("config", help="list every config key with its default and meaning")
+    cfg = sub.add_parser("config", help="list every config key, or show a config resolved",
+                         description="Without arguments: every config key with its default and meaning. With a "
+                                     "config file (and overrides): the resolved config as TOML, nothing trained.")
+    cfg.add_argument("config", nargs="?", help="TOML config file to resolve")
+    cfg.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # parse_known_args lets KEY=VALUE words come after options too (`lab run c.toml --name x a=1`).
+        args, extra = parser.parse_known_args(argv)
         if args.command is None:
-            build_parser().print_help()
+            parser.print_help()
             return 0
+        stray = [w for w in extra if w.startswith("-") or not hasattr(args, "overrides")]
+        if stray:
+            raise UsageError(f"lab {args.command}: unrecognized arguments: {' '.join(stray)} (see lab {args.command} --help)")
+        if extra:
+            args.overrides = list(args.overrides) + extra
         return _dispatch(args)
     except UsageError as e:
         return _fail(str(e))
@@ -98,76 +135,129 @@ def _fail(message: str) -> int:
 
 
 def _dispatch(args) -> int:
-    from lab.config import ConfigError  # noqa: PLC0415 — `lab --help` stays fast without torch
+    from lab.config import ConfigError  # imported here: `lab --help` stays fast without torch
 
     try:
         if args.command == "losses":
-            from lab import losses  # noqa: PLC0415
+            from lab import losses
             print(losses.describe())
             return 0
         if args.command == "config":
-            from lab import config  # noqa: PLC0415
-            print("config keys (TOML sections [data], [model], [loss], [optim], [train]; top-level name, seed, "
-                  "device, dtype):\n" + config.describe())
-            return 0
+            return _config(args)
         if args.command == "run":
             return _run(args)
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
-            from lab import report  # noqa: PLC0415
+            from lab import report
             return report.main(args)
         if args.command == "claims":
-            from lab import claims  # noqa: PLC0415
+            from lab import claims
             return claims.main(args)
     except (ConfigError, ValueError, OSError) as e:
         return _fail(str(e))
     raise UsageError(f"unknown command {args.command!r}")
 
 
-def _setup(args, sweep_words: bool):
-    """Load the config (+ overrides), check the device and the runs directory before any training."""
-    from lab import config, rundir, trainer  # noqa: PLC0415
+def _config(args) -> int:
+    from lab import config
 
-    if sweep_words:
-        fixed, swept = [], {}
-        for word in args.overrides:
-            key, _, text = word.partition("=")
-            if "," in text and not text.strip().startswith("["):
-                swept[key.strip()] = [config._parse_word(v) for v in text.split(",")]
-            else:
-                fixed.append(word)
-        cfg, sweep = config.load(args.config, fixed)
-        sweep.update(swept)
-    else:
-        cfg, sweep = config.load(args.config, args.overrides)
-        sweep = {}
-    if cfg.device == "cuda":
-        trainer.resolve_device("cuda")  # raises a clear ValueError without a GPU
-    elif cfg.device == "auto" and not _cuda():
-        print("note: device=auto found no CUDA GPU; training on the CPU", file=sys.stderr)
-    runs_dir = Path(args.runs_dir)
+    if args.config is None:
+        if args.overrides:
+            raise UsageError("lab config: KEY=VALUE words need a config file first")
+        print("config keys (TOML sections [data], [model], [loss], [optim], [train]; top-level name, seed, "
+              "device, dtype; '-' means the loss's or data kind's own default):\n" + config.describe())
+        return 0
+    import tomli_w
+
+    cfg, sweep = config.load(args.config, args.overrides)
+    if sweep:
+        from lab import study
+        runs = study.sweep_runs(cfg, sweep)
+        print(f"# a sweep of {len(runs)} runs over " + ", ".join(sweep) + "; the base config:")
+    print(tomli_w.dumps(config.to_dict(cfg)), end="")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# run and sweep
+
+
+def split_values(text: str) -> list[str]:
+    """'mse,mae' -> ['mse', 'mae']; commas inside [...] or quotes do not split: '[32],[64,64]' -> 2 values."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _load(args, sweep_words: bool):
+    """The base config and its sweep (KEY=V1,V2 words sweep in `lab sweep`)."""
+    from lab import config
+
+    fixed, swept = [], {}
+    for word in args.overrides:
+        key, eq, text = word.partition("=")
+        values = split_values(text) if eq else [text]
+        if len(values) > 1 and not sweep_words:
+            raise UsageError(f"{word}: several values; lab run trains one config (lab sweep trains each value)")
+        if len(values) > 1:
+            swept[key.strip()] = [config.parse_word(v) for v in values]
+        else:
+            fixed.append(word)
+    return config.load(args.config, fixed, sweep=swept)
+
+
+def _check_before_training(cfgs, runs_dir: Path, names: list[str]) -> None:
+    """Device, names and the runs directory, before anything is written or trained."""
+    from lab import rundir, trainer
+
+    for name in names:
+        rundir.check_name(name)
+    for device in dict.fromkeys(c.device for c in cfgs):
+        trainer.resolve_device(device)  # a clear ValueError for device=cuda without a GPU
     rundir.check_writable(runs_dir)
-    if getattr(args, "name", None):
-        rundir.check_name(args.name)
-    return cfg, sweep, runs_dir
+    if any(c.device == "auto" for c in cfgs) and not _cuda():
+        print("note: device=auto found no CUDA GPU; training on the CPU", file=sys.stderr)
 
 
 def _cuda() -> bool:
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.cuda.is_available()
 
 
 def _run(args) -> int:
-    from lab import study  # noqa: PLC0415
+    from lab import config
 
-    cfg, _, runs_dir = _setup(args, sweep_words=False)
-    run = study.Run(config=cfg, name=args.name or cfg.name)
-    runs, interrupted = study.execute([run], runs_dir, figures=cfg.train.figures and not args.no_figures)
+    cfg, sweep = _load(args, sweep_words=False)
+    from lab import study  # after the config is read: a missing file or a typo fails without the torch import
+    if sweep:
+        try:
+            config.validate(cfg)
+        except config.ConfigError as e:
+            raise config.ConfigError(f"{e} (this file has a [sweep] table: train it with lab sweep)") from None
+        print(f"note: {args.config} has a [sweep] table; lab run trains only its base config "
+              f"(lab sweep trains the grid)", file=sys.stderr)
+    runs_dir = Path(args.runs_dir)
+    name = args.name or cfg.name
+    _check_before_training([cfg], runs_dir, [name])
+    run = study.Run(config=cfg, name=name)
+    _, interrupted = study.execute([run], runs_dir, figures=cfg.train.figures and not args.no_figures)
     s = run.summary
     print(run.dir)
-    print(_one_line_summary(s))
+    print(one_line_summary(s))
     if interrupted or s["status"] == "interrupted":
         return 130
     if s["status"] == "diverged":
@@ -188,49 +278,64 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _one_line_summary(s: dict) -> str:
+def one_line_summary(s: dict) -> str:
+    """status, final loss, gap to the exact optimum, fitted parameters, steps to converge."""
     final = s.get("final") or {}
     params = " ".join(f"{k}={_fmt(v)}" for k, v in (s.get("params") or {}).items())
-    return (f"{s['status']}  loss={_fmt(final.get('loss/train'))}  gap={_fmt(final.get('convergence/gap'))}  "
-            f"{params}  steps_to_converge={_fmt(s.get('steps_to_converge'))}").rstrip()
+    line = (f"{s['status']}  loss={_fmt(final.get('loss/train'))}  gap={_fmt(final.get('convergence/gap'))}  "
+            f"{params}  steps_to_converge={_fmt(s.get('steps_to_converge'))}")
+    if s.get("error"):
+        line += f"  error: {s['error']}"
+    return line
 
 
 def _sweep(args) -> int:
-    from lab import rundir, study  # noqa: PLC0415
+    from lab import rundir
 
-    cfg, sweep, runs_dir = _setup(args, sweep_words=True)
+    cfg, sweep = _load(args, sweep_words=True)
+    from lab import study  # after the config is read, as in _run
+    runs = study.sweep_runs(cfg, sweep)
+    runs_dir = Path(args.runs_dir)
     name = args.name or cfg.name
-    rundir.check_name(name)
+    _check_before_training([r.config for r in runs], runs_dir, [name])
     sweep_dir = runs_dir / name
-    grid = study.expand(cfg, sweep)
-    runs = [study.Run(config=c, name=study.run_name(c, swept), swept=swept) for c, swept in grid]
     todo = runs
     if args.resume and sweep_dir.exists():
         todo = _resume(runs, sweep_dir)
-        print(f"resume: {len(runs) - len(todo)} of {len(runs)} runs already completed", file=sys.stderr)
+        print(f"resume: {len(runs) - len(todo)} of {len(runs)} runs already completed in {sweep_dir}", file=sys.stderr)
+    else:
+        # A new sweep never writes into an existing one: runs/<name>-2, -3, ... (--resume continues one).
+        sweep_dir = rundir.create(runs_dir, name)
     progress = _Progress(len(todo))
     _, interrupted = study.execute(todo, sweep_dir, on_done=progress.done)
     progress.close()
-    if len(todo):
+    if todo and cfg.train.figures:
         _sweep_figures(runs, sweep_dir)
     statuses = [r.summary["status"] for r in todo if r.summary]
     counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
-    print(f"{sweep_dir}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) if counts else f"{sweep_dir}: nothing to do")
+    done = ", ".join(f"{v} {k}" for k, v in counts.items()) if counts else "nothing to do"
+    print(f"{sweep_dir}: {len(runs)} runs; trained now: {done}")
     if interrupted:
         return 130
     return 1 if "failed" in counts else 0
 
 
 def _resume(runs, sweep_dir: Path):
-    """Match runs to existing directories by name; reuse those not completed, skip completed ones."""
-    from lab import rundir  # noqa: PLC0415
+    """Match runs to existing directories by name; skip completed ones, retrain the others in place.
 
+    A completed run trained from a different config is an error: resuming would mix two studies.
+    """
+    from lab import config, rundir
+
+    if (sweep_dir / rundir.SUMMARY).exists():
+        raise ValueError(f"{sweep_dir} is a run directory, not a sweep directory; use another --name")
     todo = []
     for r in runs:
         d = sweep_dir / r.name
         if d.is_dir():
             s = rundir.read_summary(d)
             if s.get("status") == "completed":
+                _check_same_config(d, s.get("config") or {}, _as_json(config.to_flat(r.config)))
                 r.summary, r.dir = s, d
                 continue
             for f in d.glob("events.out.tfevents.*"):  # a fresh start: no duplicate steps in TensorBoard
@@ -240,30 +345,53 @@ def _resume(runs, sweep_dir: Path):
     return todo
 
 
+def _as_json(flat: dict) -> dict:
+    """A flat config as summary.json stores it: tuples as lists, non-finite floats (alpha = -inf) as null."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return {k: plain(v) for k, v in flat.items()}
+
+
+_RESULT_NEUTRAL = ("name", "train.figures", "device")  # keys that do not change a run's numbers
+
+
+def _check_same_config(run_dir: Path, old: dict, new: dict) -> None:
+    differ = [k for k in sorted(set(old) | set(new)) if k not in _RESULT_NEUTRAL and old.get(k) != new.get(k)]
+    if differ:
+        k = differ[0]
+        raise ValueError(f"--resume: {run_dir} was trained with {k} = {old.get(k)!r}, the config now says "
+                         f"{new.get(k)!r}; start a new sweep (without --resume) or use another --name")
+
+
 def _sweep_figures(runs, sweep_dir):
     """Comparison figures once per sweep (not per run)."""
     try:
-        from lab import figures  # noqa: PLC0415
+        from lab import figures
         figures.sweep_figures(runs, sweep_dir)
     except Exception as e:  # noqa: BLE001 — a figure never costs the results
         print(f"note: sweep figures skipped: {e.__class__.__name__}: {e}", file=sys.stderr)
 
 
 class _Progress:
-    """A bar when stdout is a terminal; one line per finished run otherwise."""
+    """A bar when stdout is a terminal; one line per finished run otherwise (logs, pipes, CI)."""
 
-    def __init__(self, total: int):
-        self.total, self.count, self.tty = total, 0, sys.stdout.isatty()
+    def __init__(self, total: int, stream=None):
+        self.stream = stream or sys.stdout
+        self.total, self.count, self.tty = total, 0, self.stream.isatty()
 
     def done(self, run):
         self.count += 1
         if self.tty:
             width = 30
             filled = int(width * self.count / max(self.total, 1))
-            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total}", end="", flush=True)
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} {run.name:<40.40}",
+                  end="", flush=True, file=self.stream)
         else:
-            print(f"{run.summary['status']:<11} {run.dir}  {_one_line_summary(run.summary)}", flush=True)
+            print(f"[{self.count}/{self.total}] {run.dir}  {one_line_summary(run.summary)}", flush=True,
+                  file=self.stream)
 
     def close(self):
         if self.tty and self.total:
-            print()
+            print(file=self.stream)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -168,7 +170,7 @@ def _field_docs(cls) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)
     return docs
@@ -176,6 +178,12 @@ def _field_docs(cls) -> dict[str, str]:
 
 def keys() -> dict[str, tuple[Any, Any, str]]:
     """Every dotted key -> (type, default, help)."""
+    return dict(_keys())
+
+
+@functools.cache
+def _keys() -> dict[str, tuple[Any, Any, str]]:
+    # Cached: reading the docstrings parses the source, which every from_flat would otherwise repeat.
     out = {}
     for cls, prefix in [(Config, "")] + [(c, s + ".") for s, c in SECTIONS.items()]:
         hints, docs = get_type_hints(cls), _field_docs(cls)
@@ -232,7 +240,9 @@ def _coerce(key: str, tp, value):
         raise ConfigError(errors[0])
     if origin is tuple:
         if isinstance(value, str):
-            value = _parse_word(value)
+            value = parse_word(value)
+            if isinstance(value, str) and value.lstrip().startswith("["):
+                raise ConfigError(f"{key}: expected a TOML list such as [1, 2], got {value!r}")
         if not isinstance(value, (list, tuple)):
             value = [value]  # a single value where a list is expected (e.g. tau = 0.9)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -282,7 +292,7 @@ def _coerce(key: str, tp, value):
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _parse_word(text: str):
+def parse_word(text: str):
     """Parse the value of a command-line `key=value` word: TOML syntax if it parses, else a bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -305,14 +315,16 @@ def flatten(table: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
-    """Apply dotted keys (already typed or strings) to `base` (default config) and validate."""
+def from_flat(values: dict[str, Any], base: Config | None = None, check: bool = True) -> Config:
+    """Apply dotted keys (already typed or strings) to `base` (default config) and validate.
+
+    With check=False only the keys and the types are checked (a sweep's base: each grid point is
+    validated on its own, because e.g. `loss.delta` is fine for the huber runs of a loss sweep).
+    """
     valid = keys()
     top, sections = {}, {s: {} for s in SECTIONS}
     for key, raw in values.items():
-        if key not in valid:
-            raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
-        value = _coerce(key, valid[key][0], raw)
+        value = coerce(key, raw, valid)
         if "." in key:
             section, name = key.split(".", 1)
             sections[section][name] = value
@@ -320,8 +332,28 @@ def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
             top[key] = value
     cfg = base or Config()
     cfg = replace(cfg, **top, **{s: replace(getattr(cfg, s), **kv) for s, kv in sections.items() if kv})
-    validate(cfg)
+    if check:
+        validate(cfg)
+        cfg = _canonical_loss(cfg)
     return cfg
+
+
+def coerce(key: str, raw, valid: dict | None = None):
+    """The value of one dotted key, typed by its field; ConfigError for an unknown key or a wrong type."""
+    valid = valid or keys()
+    if key not in valid:
+        if key in SECTIONS:
+            raise ConfigError(f"'{key}' is a section, not a key: write [{key}] in the file or '{key}.KEY=VALUE'")
+        raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+    return _coerce(key, valid[key][0], raw)
+
+
+def _canonical_loss(cfg: Config) -> Config:
+    """Aliases (l2, l1, pinball) become the loss's registry name, so run names and reports agree."""
+    from lab import losses
+
+    name = losses.spec(cfg.loss.name).name
+    return cfg if name == cfg.loss.name else replace(cfg, loss=replace(cfg.loss, name=name))
 
 
 def parse_overrides(words: list[str]) -> dict[str, Any]:
@@ -331,7 +363,7 @@ def parse_overrides(words: list[str]) -> dict[str, Any]:
         if "=" not in word:
             raise ConfigError(f"override '{word}' is not of the form key=value")
         key, text = word.split("=", 1)
-        out[key.strip()] = _parse_word(text.strip())
+        out[key.strip()] = parse_word(text.strip())
     return out
 
 
@@ -351,20 +383,31 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
-def load(path: str | Path | None, overrides: list[str] | dict | None = None) -> tuple[Config, dict[str, list]]:
+def load(path: str | Path | None, overrides: list[str] | dict | None = None,
+         sweep: dict[str, list] | None = None) -> tuple[Config, dict[str, list]]:
     """Read a config file (or defaults when path is None) plus overrides.
 
-    Returns the config and its `[sweep]` table (dotted key -> list of values, possibly empty).
+    Returns the config and its sweep (dotted key -> list of typed values, possibly empty): the file's
+    `[sweep]` table updated by `sweep`; a fixed override of a swept key takes it out of the sweep.
+    Without a sweep the config is fully validated; with one, only keys and types are checked here and
+    `lab.study.expand` validates every grid point.
     """
     table = read_toml(path) if path else {}
-    sweep = table.pop("sweep", {})
-    if not isinstance(sweep, dict):
+    file_sweep = table.pop("sweep", {})
+    if not isinstance(file_sweep, dict):
         raise ConfigError("[sweep] must be a table of key = [values]")
     flat = flatten(table)
-    flat.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
-    cfg = from_flat(flat)
-    sweep = {k: (v if isinstance(v, list) else [v]) for k, v in flatten(sweep).items()}
-    return cfg, sweep
+    fixed = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    flat.update(fixed)
+    swept = {k: (v if isinstance(v, list) else [v]) for k, v in flatten(file_sweep).items() if k not in fixed}
+    swept.update(sweep or {})
+    valid = keys()
+    typed_sweep = {}
+    for key, values in swept.items():
+        if not values:
+            raise ConfigError(f"sweep: '{key}' has no values")
+        typed_sweep[key] = [coerce(key, v, valid) for v in values]
+    return from_flat(flat, check=not typed_sweep), typed_sweep
 
 
 def to_dict(cfg: Config) -> dict:
@@ -402,10 +445,11 @@ _CHOICES = {
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError (one line) for any value out of range."""
-    from lab import data, losses, models  # noqa: PLC0415 — keep `lab config` importable cheaply
+    from lab import data, losses, models  # imported here: `lab config` stays cheap
 
+    flat = to_flat(cfg)
     for key, choices in _CHOICES.items():
-        v = to_flat(cfg)[key]
+        v = flat[key]
         if v not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {v!r}")
     if not all(c.isalnum() or c in "-_." for c in cfg.name) or cfg.name in ("", ".", ".."):
@@ -434,14 +478,32 @@ def validate(cfg: Config) -> None:
     ]
     for key, ok, why in checks:
         if not ok:
-            raise ConfigError(f"{key} {why}; got {to_flat(cfg)[key]!r}")
+            raise ConfigError(f"{key} {why}; got {flat[key]!r}")
     if t.batch_size > cfg.data.n:
         raise ConfigError(f"train.batch_size ({t.batch_size}) is larger than data.n ({cfg.data.n})")
-    # Loss: every parameter that was set must be one the loss takes, and in range.
+    # Loss and data: every parameter that was set must be one the loss (data kind) takes, and in range.
+    try:
+        taken = losses.spec(cfg.loss.name).params
+    except ValueError:
+        raise ConfigError(f"loss.name = {cfg.loss.name!r} is not a loss{_suggest(cfg.loss.name, losses.available())} "
+                          f"(available: {', '.join(losses.available())})") from None
+    for pname, value in _loss_params(cfg.loss).items():
+        if pname not in taken:
+            takers = [n for n in losses.available() if pname in losses.spec(n).params]
+            raise ConfigError(f"loss.{pname} = {_toml_value(value)} is not a parameter of loss '{cfg.loss.name}' "
+                              f"(it takes {', '.join(taken) or 'no parameters'}; {pname} is taken by "
+                              f"{', '.join(takers)})")
     try:
         losses.check_params(cfg.loss.name, _loss_params(cfg.loss))
     except ValueError as e:
         raise ConfigError(f"loss: {_one_line(e)}") from None
+    if cfg.data.kind in data.available():
+        taken = data.defaults(cfg.data.kind)
+        for pname, value in data_params(cfg.data).items():
+            if pname not in taken:
+                takers = [k for k in data.available() if pname in data.defaults(k)]
+                raise ConfigError(f"data.{pname} = {_toml_value(value)} is not a parameter of data kind "
+                                  f"'{cfg.data.kind}' (it is taken by {', '.join(takers)})")
     try:
         data.check(cfg.data.kind, **data_params(cfg.data))
     except ValueError as e:
@@ -465,7 +527,7 @@ def _loss_params(loss: LossConfig) -> dict:
 
 def loss_params(cfg: Config) -> dict:
     """The loss parameters with the loss's defaults filled in."""
-    from lab import losses  # noqa: PLC0415
+    from lab import losses
 
     return losses.check_params(cfg.loss.name, _loss_params(cfg.loss))
 

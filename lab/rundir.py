@@ -103,12 +103,20 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def check_writable(path: Path) -> None:
-    """Fail early (before training) if runs cannot be written below `path`."""
+    """Fail early (before training) if runs cannot be written below `path`: make it and write a probe file.
+
+    Asking os.access is not enough (root passes it on read-only or virtual file systems), so this tries.
+    """
     path = Path(path)
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise ValueError(f"runs directory {path} is not a directory ({probe} is a file)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"runs directory {path} is not writable")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"runs directory {path} is not writable ({e.strerror or e.__class__.__name__})") from None

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 
 from lab import config as config_mod
 from lab import data, rundir, trainer
@@ -38,30 +44,97 @@ class Run:
     summary: dict | None = None
 
 
-def expand(base: Config, sweep: dict[str, list]) -> list[tuple[Config, dict]]:
-    """The grid over every swept key: [(config, {key: value})], in a stable order."""
-    if not sweep:
-        return [(base, {})]
+def expand(base: Config | dict, sweep: dict[str, list]) -> list[tuple[Config, dict]]:
+    """The grid over every swept key: [(config, {key: value})], in a stable order, each point validated.
+
+    When `loss.name` (or `data.kind`) is swept, a fixed loss (data) parameter of the base applies to the
+    runs whose loss (data kind) takes it: `loss.delta = 0.5` in a sweep over mse, mae, huber sets the
+    huber runs' delta. It is still an error when no run of the grid takes it, and a swept parameter must
+    be taken by every run (otherwise the grid would hold identical runs).
+    """
+    base_flat = config_mod.to_flat(base) if isinstance(base, Config) else dict(base)
     keys = list(sweep)
-    out = []
+    for key in keys:
+        if not sweep[key]:
+            raise ConfigError(f"sweep: '{key}' has no values")
+    out, dropped = [], set()
     for values in itertools.product(*(sweep[k] for k in keys)):
         swept = dict(zip(keys, values))
-        out.append((config_mod.from_flat({**config_mod.to_flat(base), **swept}, base=None), swept))
+        flat = {**base_flat, **swept}
+        for key in _not_taken(flat, swept):
+            if key in swept:
+                raise ConfigError(f"sweep: {key} is swept but {_taker_of(key)} = {flat[_taker_of(key)]!r} "
+                                  f"does not take it; sweep it in a separate sweep")
+            del flat[key]
+            dropped.add(key)
+        out.append((config_mod.from_flat(flat), swept))
+    used = {k for k in dropped if any(k in config_mod.to_flat(c) for c, _ in out)}
+    for key in sorted(dropped - used):
+        selector = _taker_of(key)
+        choices = ", ".join(dict.fromkeys(str(v) for v in sweep[selector]))
+        raise ConfigError(f"{key} = {base_flat[key]!r} is taken by none of the swept {selector} values ({choices})")
+    return out
+
+
+def _taker_of(key: str) -> str:
+    return "loss.name" if key.startswith("loss.") else "data.kind"
+
+
+def _not_taken(flat: dict, swept: dict) -> list[str]:
+    """Loss/data parameters in `flat` that this grid point's loss/data kind does not take (only where
+    the loss/data kind is swept; otherwise validation reports them as errors)."""
+    from lab import losses
+
+    out = []
+    if "loss.name" in swept:
+        try:
+            taken = set(losses.spec(flat["loss.name"]).params)
+        except (ValueError, TypeError):
+            taken = None  # an unknown loss: from_flat reports it
+        if taken is not None:
+            out += [k for k in flat if k.startswith("loss.") and k != "loss.name" and k[5:] not in taken]
+    if "data.kind" in swept and flat["data.kind"] in data.available():
+        taken = set(data.defaults(flat["data.kind"]))
+        specific = {f for f, (_, default, _) in config_mod.keys().items() if f.startswith("data.") and default is None}
+        out += [k for k in flat if k in specific and k[5:] not in taken]
     return out
 
 
 def run_name(cfg: Config, swept: dict) -> str:
-    """Name from what differs: <data.kind>-<loss.name>[-key=value...]-s<seed>, so TensorBoard groups runs sensibly."""
+    """Name from what differs: <data.kind>-<loss.name>[-<key><value>...]-s<seed>.
+
+    Loss and data kind always lead, so TensorBoard's run filter (regex over run names) and its colours
+    group runs by loss or data; every other swept key follows as its last name part and its value.
+    """
     parts = [cfg.data.kind, cfg.loss.name]
     for key, value in swept.items():
         if key in ("data.kind", "loss.name", "seed"):
             continue
         short = key.split(".")[-1]
-        text = "_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        text = "_".join(map(_short, value)) if isinstance(value, (list, tuple)) else _short(value)
         parts.append(f"{short}{text}")
     parts.append(f"s{cfg.seed}")
     name = "-".join(parts)
-    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _short(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def sweep_runs(base: Config | dict, sweep: dict[str, list]) -> list[Run]:
+    """The runs of a sweep, named by `run_name`; names that would repeat get -2, -3, ... in grid order,
+    so every run has its own directory and `--resume` finds it again by name."""
+    runs, seen = [], {}
+    for cfg, swept in expand(base, sweep):
+        name = run_name(cfg, swept)
+        seen[name] = seen.get(name, 0) + 1
+        runs.append(Run(config=cfg, name=name if seen[name] == 1 else f"{name}-{seen[name]}", swept=swept))
+    return runs
 
 
 def estimate_bytes(cfgs: list[Config]) -> int:
@@ -218,7 +291,7 @@ def _hist_writer(writers):
     def on_hist(step, tag, counts, lo, hi):
         bins = counts.shape[1]
         for i, w in enumerate(writers):
-            edges = np.linspace(lo[i], hi[i], bins + 1)
+            edges = np.linspace(float(lo[i]), float(hi[i]), bins + 1)  # float64: a diverging run overflows float32
             mids = (edges[:-1] + edges[1:]) / 2
             c = counts[i]
             w.add_histogram_raw(tag, min=float(lo[i]), max=float(hi[i]), num=int(c.sum()), sum=float((c * mids).sum()),
@@ -246,24 +319,50 @@ def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer,
         summary["traceback"] = trace
     if writer is not None:
         if res is not None:
+            writer.add_summary(custom_scalars_layout(res.final), step=0)
             hparams = {k: _hparam_value(flat.get(k)) for k in hkeys}
             metrics = {m: res.final.get(tag, float("nan")) for m, tag in FINAL_METRICS.items()}
-            writer.add_hparams(hparams, metrics, step=max(res.steps, 0))
+            # experiment=False: TensorBoard unions the hparams of every run below --logdir, so runs of
+            # sweeps with different swept keys all show their columns (with one experiment summary per
+            # run, the plugin would take an arbitrary run's columns for all).
+            writer.add_hparams(hparams, metrics, step=max(res.steps, 0), experiment=False)
         writer.close()
     rundir.write_summary(run.dir, summary)
     run.summary = summary
 
 
 def _hparam_value(v):
+    """A value the HParams plugin can show: lists as 'a,b'; None (a parameter this run's loss does
+    not take) stays None, which the plugin skips, so a numeric column stays numeric."""
     if isinstance(v, (list, tuple)):
         return ",".join(map(str, v))
-    if v is None:
-        return "-"
     return v
 
 
+def custom_scalars_layout(tags) -> summary_pb2.Summary:
+    """The Custom Scalars dashboard's layout: one category per tag namespace, one chart per tag.
+
+    Each chart's regex matches exactly one tag, and a custom-scalars chart draws that tag for every
+    run, so e.g. `loss/train` of all losses of a sweep lands on one chart. Every run writes the same
+    layout; TensorBoard merges the layouts of all runs and drops repeated charts.
+    """
+    by_namespace: dict[str, list[str]] = {}
+    for tag in tags:
+        by_namespace.setdefault(tag.split("/")[0], []).append(tag)
+    layout = layout_pb2.Layout(category=[
+        layout_pb2.Category(title=namespace, chart=[
+            layout_pb2.Chart(title=tag, multiline=layout_pb2.MultilineChartContent(tag=[f"^{re.escape(tag)}$"]))
+            for tag in namespace_tags])
+        for namespace, namespace_tags in by_namespace.items()])
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout.SerializeToString()],
+                         tensor_shape=TensorShapeProto())
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=custom_scalar_metadata.CONFIG_SUMMARY_TAG, metadata=custom_scalar_metadata.create_summary_metadata(),
+        tensor=tensor)])
+
+
 def _figures(run: Run, writer, ds, res) -> None:
-    from lab import figures  # noqa: PLC0415 — matplotlib only when figures are asked for
+    from lab import figures  # matplotlib only when figures are asked for
 
     out = run.dir / "figures"
     out.mkdir(exist_ok=True)

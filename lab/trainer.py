@@ -8,19 +8,29 @@ population of one, so there is exactly one code path.
 Gradients are explicit: every loss supplies its closed-form derivative psi = dl/dy_hat (tested
 against autograd in tests/test_losses.py) and every model its vector-Jacobian product, so one step
 is a handful of fused tensor ops instead of an autograd graph. Runs with different losses are laid
-out contiguously by loss, each group computes its own psi on a slice, and the slices are joined
-before the single shared backward (vjp) and update.
+out contiguously by loss; each group computes its loss, psi and its share of the gradient on its own
+slice, and only the [N, P] gradients are joined before the one shared update.
+
+What a step costs (a 200-run study on a 2-core CPU, see lab/bench.py): the [N, n] tensor ops of the
+loss groups dominate, so everything else is kept off the per-step path: the linear model's forward
+and vjp are elementwise (x * w + b, sum(psi * x)) instead of batched matmuls with 1x1 matrices; the
+parameters are updated in place (the named views stay valid); the oscillation metrics read a short
+history of parameters and losses written once per step instead of being computed every step; and the
+scalar metrics are computed only at log steps.
 
 Nothing in the loop forces a host-device sync: metrics are computed on the device into a buffer that
 is copied out every `flush_every` log steps and handed to the `on_log` / `on_hist` callbacks.
+`train.log_every = 0` turns logging off: no metric rows or histograms are computed during training
+and the callbacks are never called; one row is still computed at the last step, for the results'
+`final` values.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +41,9 @@ from lab.data import Dataset
 from lab.optim import Hyper, Optimizer, clip_by_norm, lr_table
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")
+# Parameter histories (flip rate, parameter amplitude) are kept for models this small; bigger models
+# keep a per-step flip-rate history instead and log no parameter amplitude (NaN).
+_TRACK_PARAMS = 64
 
 
 @dataclass
@@ -121,6 +134,71 @@ class _Flat:
         return torch.cat([named[k].reshape(named[k].shape[0], -1) for k in self.shapes], dim=1)
 
 
+@dataclass
+class _Population:
+    """Everything about a population that does not change during training (device tensors, run order)."""
+
+    model: models.Model
+    named: dict  # views into the live parameters [N, P]
+    groups: list  # (slice, LossSpec, params) per loss, contiguous
+    x: torch.Tensor  # [N, n, 1]
+    y3: torch.Tensor  # [N, n, 1] training targets
+    y_orig: torch.Tensor  # [N, n]
+    x_val: torch.Tensor  # [N, n_val, 1]
+    signal_val: torch.Tensor  # [N, n_val]
+    outlier: torch.Tensor  # [N, n] bool
+    mu: torch.Tensor  # [N, 1]
+    sd: torch.Tensor  # [N, 1]
+    any_norm: bool
+    root: torch.Tensor | None  # [N] bool, None when no run takes a root (rmse)
+    ref_loss: torch.Tensor  # [N]
+    ref_params: torch.Tensor  # [N, K]
+    true_params: torch.Tensor  # [N, K]
+    k: int
+    shapes: _Flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions [N, b, k] for x [N, b, 1]."""
+        if self.model.kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
+            return x * self.named["weight"].transpose(1, 2) + self.named["bias"][:, None, :]
+        return self.model.forward(self.named, x)
+
+    def objective(self, pred: torch.Tensor, target: torch.Tensor):
+        """Each run's own loss, in training units: (mean loss m [N], psi per loss group [G, b, k])."""
+        values, psis = [], []
+        for sl, spec, params in self.groups:
+            p, t = pred[sl], target[sl]
+            psis.append(spec.psi(p, t, **params))
+            values.append(spec.fn(p, t, **params).mean((1, 2)))
+        return torch.cat(values) if len(values) > 1 else values[0], psis
+
+    def chain(self, m: torch.Tensor):
+        """(loss L [N], dL/dm [N] or None): rmse runs report sqrt(m); dL/dm = 1/(2 sqrt m), 0 at m = 0."""
+        if self.root is None:
+            return m, None
+        sq = m.clamp_min(torch.finfo(m.dtype).tiny).sqrt()
+        positive = m > 0
+        loss = torch.where(self.root, torch.where(positive, sq, 0.0), m)
+        return loss, torch.where(self.root, torch.where(positive, 0.5 / sq, 0.0), 1.0)
+
+    def gradient(self, psis: list, x: torch.Tensor, chain) -> torch.Tensor:
+        """dL/dtheta [N, P] from the loss groups' psi, without joining the [N, b, k] tensors."""
+        b = x.shape[1]
+        if self.model.kind == "linear":  # d/dw = sum_i psi_i x_i, d/db = sum_i psi_i, per output
+            weight = [(ps * x[sl]).sum(1) for (sl, _, _), ps in zip(self.groups, psis)]
+            bias = [ps.sum(1) for ps in psis]
+            if len(psis) > 1:
+                weight, bias = [torch.cat(weight)], [torch.cat(bias)]
+            flat = torch.cat(weight + bias, dim=1)  # the flat order: weight [k x 1], then bias [k]
+        elif self.model.kind == "constant":
+            flat = torch.cat([ps.sum(1) for ps in psis]) if len(psis) > 1 else psis[0].sum(1)
+        else:
+            g_out = torch.cat(psis) if len(psis) > 1 else psis[0]
+            flat = self.shapes.flat(self.model.vjp(self.named, x, g_out))
+        scale = 1.0 / (b * self.k)
+        return flat * scale if chain is None else flat * (chain * scale)[:, None]
+
+
 def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBlock], None] | None = None,
           on_hist: Callable[[int, str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
           flush_every: int = 50, should_stop: Callable[[], bool] | None = None) -> list[RunResult]:
@@ -144,47 +222,10 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
     N = len(cfgs)
     device, dtype = resolve_device(cfg0.device), getattr(torch, cfg0.dtype)
     steps, log_every, window = cfg0.train.steps, cfg0.train.log_every, cfg0.train.window
-    hist_every = cfg0.train.hist_every
+    hist_every = cfg0.train.hist_every if log_every else 0
 
-    # ---- data [N, n, 1], targets normalised per run if asked ------------------------------------------
-    x = torch.stack([d.x for d in datasets]).to(device, dtype)  # [N, n, 1]
-    y_orig = torch.stack([d.y for d in datasets]).to(device, dtype)  # [N, n]
-    x_val = torch.stack([d.x_val for d in datasets]).to(device, dtype)  # [N, n_val, 1]
-    signal_val = torch.stack([d.truth.signal(d.x_val).reshape(-1) for d in datasets]).to(device, dtype)
-    outlier = torch.stack([d.outlier for d in datasets]).to(device)  # [N, n] bool
-    norm = torch.tensor([c.train.normalize_targets for c in cfgs], device=device)
-    mu = torch.where(norm, y_orig.mean(1), torch.zeros((), dtype=dtype, device=device))[:, None]  # [N, 1]
-    sd = torch.where(norm, y_orig.std(1).clamp_min(1e-12), torch.ones((), dtype=dtype, device=device))[:, None]
-    y = (y_orig - mu) / sd  # [N, n] training targets
-    n, k = y.shape[1], n_outputs(cfg0)
-
-    # ---- model and parameters [N, P] ----------------------------------------------------------------
-    model = models.make(cfg0.model.kind, in_features=1, n_outputs=k, hidden=cfg0.model.hidden,
-                        activation=cfg0.model.activation)
-    shapes = _Flat(model.param_shapes())
-    init = model.init_stack([init_seed(c.seed) for c in cfgs], dtype=dtype, device=device)
-    P = shapes.flat(init)  # [N, P]
-    n_params = P.shape[1]
-
-    # ---- loss groups: contiguous slices with per-run parameters ------------------------------------
-    groups = []  # (slice, spec, params)
-    start = 0
-    for name in dict.fromkeys(c.loss.name for c in cfgs):
-        members = [c for c in cfgs if c.loss.name == name]
-        sl = slice(start, start + len(members))
-        start += len(members)
-        groups.append((sl, losses.spec(name), _stack_loss_params(members, name, dtype, device)))
-    root = torch.tensor([losses.spec(c.loss.name).root for c in cfgs], device=device)  # [N] rmse runs
-
-    # ---- exact reference optimum of each run's own objective (float64, once) -----------------------
-    refs = _references(cfgs, datasets, model.kind, mu, sd)
-    nan = float("nan")
-    ref_loss = torch.tensor([r.loss if r else nan for r in refs], dtype=dtype, device=device)  # training units
-    tol = torch.tensor([c.train.converge_tol for c in cfgs], dtype=dtype, device=device) * ref_loss.abs() + 1e-12
-    named_keys = _named_param_keys(model.kind, k)
-    ref_params = torch.tensor([[_orig(r.params, c, mu[i], sd[i])[p] if r else nan for p in named_keys]
-                               for i, (r, c) in enumerate(zip(refs, cfgs))], dtype=dtype, device=device)
-    true_params = torch.tensor([[_true(d, p) for p in named_keys] for d in datasets], dtype=dtype, device=device)
+    pop, P, refs, tol, named_keys, shapes = _setup(cfgs, datasets, device, dtype)
+    n, n_params = pop.y3.shape[1], P.shape[1]
 
     # ---- optimizer, per-run hyperparameters [N, 1] --------------------------------------------------
     def col(values, dt=dtype):
@@ -194,12 +235,17 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
                   beta1=col([c.optim.betas[0] for c in cfgs]), beta2=col([c.optim.betas[1] for c in cfgs]),
                   eps=col([c.optim.eps for c in cfgs]), weight_decay=col([c.optim.weight_decay for c in cfgs]),
                   clip_grad_norm=col([c.optim.clip_grad_norm for c in cfgs]))
+    clipping = any(c.optim.clip_grad_norm > 0 for c in cfgs)
+    # Plain SGD (no momentum, no decay) is p - lr * g: the same value Optimizer computes, in 2 ops instead of 9.
+    plain_sgd = cfg0.optim.name == "sgd" and all(c.optim.momentum == 0 and c.optim.weight_decay == 0 for c in cfgs)
     opt = Optimizer(cfg0.optim.name, P, hyper)
-    schedules = [dict(lr=c.optim.lr, schedule=c.optim.schedule, gamma=c.optim.gamma, step_size=c.optim.step_size,
-                      min_lr_ratio=c.optim.min_lr_ratio, warmup_steps=c.optim.warmup_steps) for c in cfgs]
+    schedules = [{"lr": c.optim.lr, "schedule": c.optim.schedule, "gamma": c.optim.gamma, "step_size": c.optim.step_size,
+                  "min_lr_ratio": c.optim.min_lr_ratio, "warmup_steps": c.optim.warmup_steps} for c in cfgs]
     distinct = list(dict.fromkeys(tuple(sorted(s.items())) for s in schedules))
     lr_tab = lr_table(steps + 1, [dict(s) for s in distinct]).to(device, dtype)  # [steps+1, U]
     lr_col = torch.tensor([distinct.index(tuple(sorted(s.items()))) for s in schedules], device=device)
+    constant_lr = all(s["schedule"] == "constant" and s["warmup_steps"] == 0 for s in schedules)
+    lr_fixed = lr_tab[0, lr_col][:, None] if constant_lr else None  # [N, 1]
 
     # ---- minibatches: per-run permutations from each run's own seed --------------------------------
     batch = cfg0.train.batch_size or n
@@ -207,19 +253,26 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
     batches_per_epoch = n // batch
     rows = torch.arange(N, device=device)[:, None]
 
+    # ---- which steps log a row, and which steps a row's histories reach back to ---------------------
+    row_steps = set(range(0, steps + 1, log_every)) | {steps} if log_every else {steps}
+    ring = window + 2  # a flip rate over `window` steps needs window + 2 parameter vectors
+    needed = np.zeros(steps + 1, dtype=bool)
+    for t in row_steps:
+        needed[max(0, t - ring + 1):t + 1] = True
+
     # ---- device-side state -------------------------------------------------------------------------
     active = torch.ones(N, dtype=torch.bool, device=device)
-    diverged_at = torch.full((N,), -1, dtype=torch.long, device=device)
+    alive = torch.zeros(N, dtype=torch.long, device=device)  # steps survived: the diverged step, if any
     last_above = torch.full((N,), -1, dtype=torch.long, device=device)
-    flip_ring = torch.zeros(window, N, dtype=dtype, device=device)
+    gap = torch.full((N,), float("nan"), dtype=dtype, device=device)
     loss_ring = torch.zeros(window, N, dtype=dtype, device=device)
-    track_params = n_params <= 64  # amplitude window of every parameter only for small models
-    param_ring = torch.zeros(window, N, n_params if track_params else 1, dtype=dtype, device=device)
-    prev_update = torch.zeros_like(P)
-    last_gap = torch.full((N,), nan, dtype=dtype, device=device)
+    track_params = n_params <= _TRACK_PARAMS
+    param_ring = torch.zeros(ring if track_params else 1, N, n_params, dtype=dtype, device=device)
+    flip_ring = None if track_params else torch.zeros(window, N, dtype=dtype, device=device)
+    prev_update = None if track_params else torch.zeros_like(P)
 
     pending, pending_steps = [], []
-    last_row = {}  # the most recent logged row [T, N] (caller order), for the summary's `final`
+    last_row = {}  # the most recent row [T, N] (caller order), for the summary's `final`
     tags = metrics.SCALAR_TAGS + tuple(f"param/{p}" for p in named_keys)
     interrupted = False
 
@@ -227,25 +280,10 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
         if pending:
             block = torch.stack(pending).cpu().numpy()[:, :, inverse]  # one host copy per flush
             last_row["values"], last_row["step"] = block[-1], pending_steps[-1]
-            if on_log:
+            if on_log and log_every:
                 on_log(LogBlock(np.array(pending_steps), tags, block, time.time()))
             pending.clear()
             pending_steps.clear()
-
-    def objective(pred, target):
-        """Per-run loss [N] and dL/dpred [N, n, k] of each run's own loss, in training units."""
-        vals, grads = [], []
-        for sl, spec, params in groups:
-            vals.append(spec.fn(pred[sl], target[sl], **params))
-            grads.append(spec.psi(pred[sl], target[sl], **params))
-        val = torch.cat(vals) if len(vals) > 1 else vals[0]  # [N, b, k]
-        psi = torch.cat(grads) if len(grads) > 1 else grads[0]
-        m = val.mean((1, 2))
-        # rmse: L = sqrt(m), dL/dm = 1 / (2 sqrt(m)); at m = 0 the subgradient 0 (no NaN).
-        sq = m.clamp_min(torch.finfo(m.dtype).tiny).sqrt()
-        loss = torch.where(root, torch.where(m > 0, sq, torch.zeros_like(m)), m)
-        chain = torch.where(root, torch.where(m > 0, 0.5 / sq, torch.zeros_like(m)), torch.ones_like(m))
-        return loss, psi, chain
 
     try:
         for step in range(steps + 1):
@@ -254,31 +292,35 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
                 if step % batches_per_epoch == 0:
                     perm = torch.stack([torch.randperm(n, generator=g) for g in perm_gens]).to(device)  # [N, n]
                 idx = perm[:, (step % batches_per_epoch) * batch:(step % batches_per_epoch + 1) * batch]
-                xb, yb = x[rows, idx], y[rows, idx]
+                xb, yb3 = pop.x[rows, idx], pop.y3[rows, idx]
             else:
-                xb, yb = x, y
-            named = shapes.named(P)
-            pred = model.forward(named, xb)  # [N, b, k]
-            loss, psi, chain = objective(pred, yb[..., None])
-            g_out = psi * (chain / (pred.shape[1] * k))[:, None, None]  # dL/dpred [N, b, k]
-            grads = shapes.flat(model.vjp(named, xb, g_out))  # [N, P]
-            grads, gnorm = clip_by_norm(grads, hyper.clip_grad_norm)
-            gap = loss - ref_loss
-            last_above = torch.where(active & ~(gap <= tol), step, last_above)
-            last_gap = torch.where(active, gap, last_gap)
-            loss_ring[step % window] = loss
-            if track_params:
-                param_ring[step % window] = P
+                xb, yb3 = pop.x, pop.y3
+            pred = pop.forward(xb)  # [N, b, k]
+            m, psis = pop.objective(pred, yb3)
+            loss, chain = pop.chain(m)
+            grads = pop.gradient(psis, xb, chain)  # [N, P]
+            gnorm = None
+            if clipping:
+                grads, gnorm = clip_by_norm(grads, hyper.clip_grad_norm)
+            gap = loss - pop.ref_loss
+            last_above = torch.where(gap <= tol, last_above, step)  # NaN gap (no reference) counts as above
+            if needed[step]:
+                loss_ring[step % window] = loss
+                if track_params:
+                    param_ring[step % ring] = P
 
-            if step % log_every == 0 or step == steps:
-                pending.append(_log_row(step, P, named, model, x, y, y_orig, x_val, signal_val, outlier, mu, sd, pred,
-                                        loss, psi, chain, objective, xb is x, flip_ring, loss_ring, param_ring,
-                                        gnorm, grads, gap, ref_params, true_params, named_keys, lr_tab[step, lr_col],
-                                        groups, cfgs, k))
+            if step in row_steps:
+                lr_now = lr_fixed[:, 0] if constant_lr else lr_tab[step, lr_col]
+                if xb is not pop.x:  # minibatch step: measure on the full training set
+                    pred = pop.forward(pop.x)
+                    m_full, psis = pop.objective(pred, pop.y3)
+                    loss, chain = pop.chain(m_full)
+                    gap = loss - pop.ref_loss
+                history = _Histories(step, window, ring, loss_ring, param_ring if track_params else None, flip_ring)
+                pending.append(_log_row(pop, pred, loss, chain, psis, P, grads, gnorm, gap, lr_now, history))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
-                    _hists(step, on_hist, model, named, x, y_orig, mu, sd, psi if xb is x else None, chain, objective,
-                           y, inverse)
+                    _hists(pop, step, pred, psis, chain, on_hist, inverse)
                 if len(pending) >= flush_every:
                     flush()
                     if should_stop and should_stop():
@@ -287,44 +329,103 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
                 break
 
             # -- update, then stop runs that left the finite numbers (their parameters stay frozen)
-            lr = lr_tab[step, lr_col][:, None]  # [N, 1]
-            new_P = opt.step(P, grads, lr)
-            finite = torch.isfinite(loss) & torch.isfinite(new_P).all(1) & torch.isfinite(grads).all(1)
-            newly = active & ~finite
-            diverged_at = torch.where(newly, step, diverged_at)
-            active = active & finite
-            update = new_P - P
-            flips = ((update * prev_update) < 0).to(dtype).mean(1)
-            flip_ring[step % window] = flips
-            prev_update = update
-            P = torch.where(active[:, None], new_P, P)
+            lr = lr_fixed if constant_lr else lr_tab[step, lr_col][:, None]  # [N, 1]
+            new_P = P - lr * grads if plain_sgd else opt.step(P, grads, lr)
+            # A non-finite gradient makes new_P non-finite too (lr > 0), so these two checks cover it.
+            active &= torch.isfinite(loss) & torch.isfinite(new_P).all(1)
+            alive += active
+            if not track_params:
+                update = new_P - P
+                flip_ring[step % window] = ((update * prev_update) < 0).to(dtype).mean(1)
+                prev_update = update
+            P.copy_(torch.where(active[:, None], new_P, P))  # in place: pop.named stays a view of P
     except KeyboardInterrupt:
         interrupted = True
     flush()
+    return _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, tags, last_row, interrupted,
+                    steps, time.perf_counter() - t_start, inverse)
 
-    # ---- results (one host copy) ---------------------------------------------------------------------
-    wall = time.perf_counter() - t_start
-    P_cpu, active_cpu = P.cpu(), active.cpu()
-    div_cpu, above_cpu, gap_cpu = diverged_at.cpu(), last_above.cpu(), last_gap.cpu()
-    results = []
+
+def _setup(cfgs, datasets, device, dtype):
+    """Device tensors of a population (runs already in loss order), its parameters and references."""
+    cfg0 = cfgs[0]
+    N = len(cfgs)
+    x = torch.stack([d.x for d in datasets]).to(device, dtype)  # [N, n, 1]
+    y_orig = torch.stack([d.y for d in datasets]).to(device, dtype)  # [N, n]
+    x_val = torch.stack([d.x_val for d in datasets]).to(device, dtype)  # [N, n_val, 1]
+    signal_val = torch.stack([d.truth.signal(d.x_val).reshape(-1) for d in datasets]).to(device, dtype)
+    outlier = torch.stack([d.outlier for d in datasets]).to(device)  # [N, n] bool
+    any_norm = any(c.train.normalize_targets for c in cfgs)
+    if any_norm:
+        norm = torch.tensor([c.train.normalize_targets for c in cfgs], device=device)
+        mu = torch.where(norm, y_orig.mean(1), 0.0)[:, None]  # [N, 1]
+        sd = torch.where(norm, y_orig.std(1).clamp_min(1e-12), 1.0)[:, None]
+        y = (y_orig - mu) / sd  # [N, n] training targets
+    else:  # no copy: training and original units coincide
+        mu = torch.zeros(N, 1, dtype=dtype, device=device)
+        sd = torch.ones(N, 1, dtype=dtype, device=device)
+        y = y_orig
+    k = n_outputs(cfg0)
+    model = models.make(cfg0.model.kind, in_features=1, n_outputs=k, hidden=cfg0.model.hidden,
+                        activation=cfg0.model.activation)
+    shapes = _Flat(model.param_shapes())
+    P = shapes.flat(model.init_stack([init_seed(c.seed) for c in cfgs], dtype=dtype, device=device))  # [N, P]
+
+    groups = []  # (slice, spec, params), contiguous by loss
+    start = 0
+    for name in dict.fromkeys(c.loss.name for c in cfgs):
+        members = [c for c in cfgs if c.loss.name == name]
+        groups.append((slice(start, start + len(members)), losses.spec(name),
+                       _stack_loss_params(members, name, dtype, device)))
+        start += len(members)
+    roots = [losses.spec(c.loss.name).root for c in cfgs]
+    root = torch.tensor(roots, device=device) if any(roots) else None
+
+    # exact reference optimum of each run's own objective (float64, once)
+    refs = _references(cfgs, datasets, model.kind, mu, sd)
+    nan = float("nan")
+    ref_loss = torch.tensor([r.loss if r else nan for r in refs], dtype=dtype, device=device)  # training units
+    tol = torch.tensor([c.train.converge_tol for c in cfgs], dtype=dtype, device=device) * ref_loss.abs() + 1e-12
+    named_keys = _named_param_keys(model.kind, k)
+    mu_h, sd_h = mu[:, 0].tolist(), sd[:, 0].tolist()  # one host copy
+    ref_params = torch.tensor([[_orig(r.params, c, mu_h[i], sd_h[i])[p] if r else nan for p in named_keys]
+                               for i, (r, c) in enumerate(zip(refs, cfgs))], dtype=dtype, device=device)
+    true_params = torch.tensor([[_true(d, p) for p in named_keys] for d in datasets], dtype=dtype, device=device)
+    pop = _Population(model=model, named=shapes.named(P), groups=groups, x=x, y3=y[..., None], y_orig=y_orig,
+                      x_val=x_val, signal_val=signal_val, outlier=outlier, mu=mu, sd=sd, any_norm=any_norm,
+                      root=root, ref_loss=ref_loss, ref_params=ref_params, true_params=true_params, k=k,
+                      shapes=shapes)
+    return pop, P, refs, tol, named_keys, shapes
+
+
+def _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, tags, last_row, interrupted, steps,
+             wall, inverse) -> list[RunResult]:
+    """One RunResult per run, in the caller's order (one host copy of every device tensor)."""
+    N = len(cfgs)
+    P_cpu, active_cpu = P.cpu(), active.cpu().tolist()
+    alive_cpu, above_cpu, gap_cpu, tol_cpu = alive.tolist(), last_above.tolist(), gap.tolist(), tol.tolist()
+    mu_h, sd_h = pop.mu[:, 0].tolist(), pop.sd[:, 0].tolist()
+    named_all = shapes.named(P_cpu)
     last = last_row["values"][:, inverse.argsort()] if last_row else np.full((len(tags), N), np.nan)  # run order
+    last = last.tolist()
+    results = []
     for i, c in enumerate(cfgs):
-        one = {kk: v[i] for kk, v in shapes.named(P_cpu).items()}
-        params = _orig(model.named_floats(one), c, mu[i].item(), sd[i].item())
-        diverged = not bool(active_cpu[i])
+        one = {kk: v[i].clone() for kk, v in named_all.items()}
+        params = _orig(pop.model.named_floats(one), c, mu_h[i], sd_h[i])
+        diverged = not active_cpu[i]
         status = "diverged" if diverged else ("interrupted" if interrupted else "completed")
         r = refs[i]
         results.append(RunResult(
-            status=status, steps=steps if status == "completed" else int(div_cpu[i]) if diverged else -1,
+            status=status, steps=steps if status == "completed" else alive_cpu[i] if diverged else -1,
             params=params,
-            reference=None if r is None else {"loss": r.loss, "params": _orig(r.params, c, mu[i].item(), sd[i].item()),
+            reference=None if r is None else {"loss": r.loss, "params": _orig(r.params, c, mu_h[i], sd_h[i]),
                                               "method": r.method, "exact": r.exact, "units": "training"},
-            final={tag: float(last[t, i]) for t, tag in enumerate(tags)},
+            final={tag: float(last[t][i]) for t, tag in enumerate(tags)},
             steps_to_converge=None if r is None or diverged else metrics.steps_to_converge(
-                int(above_cpu[i]), float(gap_cpu[i]), float(tol[i])),
-            diverged_step=int(div_cpu[i]) if diverged else None,
+                above_cpu[i], gap_cpu[i], tol_cpu[i]),
+            diverged_step=alive_cpu[i] if diverged else None,
             last_finite=params if diverged else {},
-            wall_s=wall / N, population_size=N, model_params=one, target_shift=(mu[i].item(), sd[i].item())))
+            wall_s=wall / N, population_size=N, model_params=one, target_shift=(mu_h[i], sd_h[i])))
     return [results[j] for j in inverse]
 
 
@@ -383,71 +484,113 @@ def _references(cfgs, datasets, model_kind, mu, sd) -> list:
     return out
 
 
-def _log_row(step, P, named, model, x, y, y_orig, x_val, signal_val, outlier, mu, sd, pred, loss, psi, chain,
-             objective, full_batch, flip_ring, loss_ring, param_ring, gnorm, grads, gap, ref_params, true_params,
-             named_keys, lr, groups, cfgs, k) -> torch.Tensor:
-    """Every scalar tag for the whole population at one log step: [T, N] on the device."""
-    if not full_batch:  # minibatch step: measure on the full training set
-        pred = model.forward(named, x)
-        loss, psi, chain = objective(pred, y[..., None])
-    pred_orig = pred * sd[:, :, None] + mu[:, :, None]  # [N, n, k]
-    resid = (pred_orig - y_orig[..., None]).mean(-1)  # [N, n] (averaged over outputs)
-    train_loss = _loss_in_original_units(pred_orig, y_orig, groups, loss, cfgs)
-    val_pred = model.forward(named, x_val).mean(-1) * sd + mu  # [N, n_val]
-    val_err = val_pred - signal_val
-    per_sample = (psi * chain[:, None, None]).abs().sum(-1)  # |dl_i/dy_hat| [N, n]
-    filled = step + 1
-    w = flip_ring.shape[0]
-    named_now = _named_now(P, named, model.kind, k, mu, sd)
+@dataclass
+class _Histories:
+    """The recent per-step values a log row at `step` reads (ring buffers, oldest row overwritten)."""
+
+    step: int
+    window: int
+    ring: int
+    loss_ring: torch.Tensor  # [window, N]
+    param_ring: torch.Tensor | None  # [ring, N, P]
+    flip_ring: torch.Tensor | None  # [window, N] (models too large for param_ring)
+
+    def params(self, count: int) -> torch.Tensor:
+        """Parameters of the last `count` steps up to `step`, oldest first: [count, N, P]."""
+        count = min(count, self.step + 1)
+        idx = [(self.step - count + 1 + j) % self.ring for j in range(count)]
+        return self.param_ring[torch.tensor(idx, device=self.param_ring.device)]
+
+
+def _log_row(pop: _Population, pred, loss, chain, psis, P, grads, gnorm, gap, lr, h: _Histories) -> torch.Tensor:
+    """Every scalar tag for the whole population at one log step: [T, N] on the device.
+
+    pred [N, n, k] and psis are full-batch, in training units; loss, gap [N] as logged.
+    """
+    step, N = h.step, P.shape[0]
+    psi = torch.cat(psis) if len(psis) > 1 else psis[0]  # [N, n, k]
+    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
+    if pop.any_norm:
+        pred_orig = pred * pop.sd[:, :, None] + pop.mu[:, :, None]  # [N, n, k]
+        resid = (pred_orig - pop.y_orig[..., None]).mean(-1)  # [N, n] (averaged over outputs)
+        train_loss = _loss_in_original_units(pop, pred_orig)
+        cover = metrics.coverage(pred_orig[..., 0], pop.y_orig)
+    else:  # original units are the training units: reuse the step's loss
+        e = pred - pop.y3
+        resid = e.mean(-1) if pop.k > 1 else e[..., 0]
+        train_loss = loss
+        cover = metrics.coverage_of_residuals(e[..., 0])
+    val_pred = pop.forward(pop.x_val).mean(-1)  # [N, n_val]
+    if pop.any_norm:
+        val_pred = val_pred * pop.sd + pop.mu
+    val_err = val_pred - pop.signal_val
+    named_now = _named_now(P, pop)
+    filled = min(step + 1, h.window)
+    loss_window = h.loss_ring[:filled]  # the rows of the last `window` steps, in ring order
+    if h.param_ring is not None:
+        flip = metrics.flip_rate(h.params(h.window + 2), min(step, h.window))
+        amplitude = metrics.param_amplitude(h.params(h.window))
+    else:
+        flip = h.flip_ring.sum(0) / max(min(step, h.window), 1)
+        amplitude = torch.full((N,), float("nan"), dtype=P.dtype, device=P.device)
+    outlier_share = metrics.share_of(per_sample, pop.outlier)
+    top = metrics.top_share(per_sample, 0.01)
+    if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
+        has_grad = (chain != 0).to(P.dtype)
+        outlier_share, top = outlier_share * has_grad, top * has_grad
     rows = [
         train_loss,
-        (val_err**2).mean(-1),
+        (val_err * val_err).mean(-1),
         val_err.abs().mean(-1),
         lr,
         gap,
-        torch.linalg.vector_norm(named_now - true_params, dim=-1),
-        torch.linalg.vector_norm(named_now - ref_params, dim=-1),
-        metrics.flip_rate(flip_ring, step) if step else torch.zeros_like(loss),
-        metrics.relative_amplitude(loss_ring, min(filled, w)),
-        metrics.param_amplitude(param_ring, min(filled, w)),
-        gnorm,
+        torch.linalg.vector_norm(named_now - pop.true_params, dim=-1),
+        torch.linalg.vector_norm(named_now - pop.ref_params, dim=-1),
+        flip,
+        metrics.relative_amplitude(loss_window),
+        amplitude,
+        torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm,
         grads.abs().amax(-1),
-        metrics.share_of(per_sample, outlier),
-        metrics.top_share(per_sample, 0.01),
+        outlier_share,
+        top,
         metrics.abs_quantile(resid, 0.99),
         metrics.excess_kurtosis(resid),
-        metrics.coverage(pred_orig[..., 0], y_orig),
+        cover,
     ]
-    rows += [named_now[:, j] for j in range(named_now.shape[1])]
-    return torch.stack([r.to(loss.dtype) for r in rows])
+    rows += list(named_now.unbind(1))
+    return torch.stack([r.to(P.dtype) for r in rows])
 
 
-def _named_now(P, named, kind, k, mu, sd) -> torch.Tensor:
+def _named_now(P, pop: _Population) -> torch.Tensor:
     """Named parameters of every run in original units, [N, len(named_keys)]."""
-    if kind == "linear":
-        w, b = named["weight"].reshape(P.shape[0], k), named["bias"].reshape(P.shape[0], k)
-        cols = [torch.stack([w[:, j] * sd[:, 0], b[:, j] * sd[:, 0] + mu[:, 0]], -1) for j in range(k)]
-        return torch.cat(cols, -1)
-    if kind == "constant":
-        return next(iter(named.values())).reshape(P.shape[0], k) * sd + mu
-    return P.new_zeros(P.shape[0], 0)
+    N, k, named = P.shape[0], pop.k, pop.named
+    if pop.model.kind == "linear":
+        w, b = named["weight"].reshape(N, k), named["bias"].reshape(N, k)
+        if not pop.any_norm:
+            return torch.stack([w, b], -1).reshape(N, 2 * k)
+        sd, mu = pop.sd, pop.mu
+        return torch.stack([w * sd, b * sd + mu], -1).reshape(N, 2 * k)
+    if pop.model.kind == "constant":
+        value = named["value"].reshape(N, k)
+        return value * pop.sd + pop.mu if pop.any_norm else value.clone()
+    return P.new_zeros(N, 0)
 
 
-def _loss_in_original_units(pred_orig, y_orig, groups, loss_train, cfgs):
+def _loss_in_original_units(pop: _Population, pred_orig):
     """The configured loss of the original-unit predictions (equals the training loss without normalisation)."""
-    vals = [spec.fn(pred_orig[sl], y_orig[sl][..., None], **params) for sl, spec, params in groups]
+    vals = [spec.fn(pred_orig[sl], pop.y_orig[sl][..., None], **params) for sl, spec, params in pop.groups]
     m = (torch.cat(vals) if len(vals) > 1 else vals[0]).mean((1, 2))
-    root = torch.tensor([losses.spec(c.loss.name).root for c in cfgs], device=m.device)
-    return torch.where(root, m.clamp_min(0).sqrt(), m)
+    return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
 
 
-def _hists(step, on_hist, model, named, x, y_orig, mu, sd, psi, chain, objective, y, inverse):
-    """Histograms of residuals and per-sample gradient magnitudes, computed on the device."""
-    pred = model.forward(named, x)
-    if psi is None:
-        _, psi, chain = objective(pred, y[..., None])
-    resid = (pred * sd[:, :, None] + mu[:, :, None] - y_orig[..., None]).mean(-1)
-    per_sample = (psi * chain[:, None, None]).abs().sum(-1)
+def _hists(pop: _Population, step, pred, psis, chain, on_hist, inverse):
+    """Histograms of residuals and per-sample gradient magnitudes (full batch), computed on the device."""
+    resid = (pred * pop.sd[:, :, None] + pop.mu[:, :, None] - pop.y_orig[..., None]).mean(-1) if pop.any_norm \
+        else (pred - pop.y3).mean(-1)
+    psi = torch.cat(psis) if len(psis) > 1 else psis[0]
+    per_sample = psi.abs().sum(-1)
+    if chain is not None:
+        per_sample = per_sample * chain.abs()[:, None]
     for tag, values in (("residual/values", resid), ("grad/per_sample_abs", per_sample)):
         counts, lo, hi = metrics.histogram(values)
         on_hist(step, tag, counts.cpu().numpy()[inverse], lo.cpu().numpy()[inverse], hi.cpu().numpy()[inverse])

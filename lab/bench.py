@@ -1,0 +1,476 @@
+"""How fast a study runs, measured against the usual PyTorch loop (`scripts/bench`; not a timed test).
+
+The study: 5 losses (mse, mae, huber, log_cosh, quantile) x 4 datasets (clean, outliers, heavy_tailed,
+skewed) x 10 seeds = 200 runs of a linear model, n = 1000, 2000 full-batch SGD steps, every scalar tag
+every 10 steps, histograms every 200. Measured:
+
+- lab: the whole study through `lab.study.execute` in a fresh Python process (interpreter start,
+  imports, datasets, exact references, training, event files, run directories, summaries): the
+  process's wall time, start-up included, and its peak resident memory.
+- baseline, in this process: the usual loop per run on the same data from the same initial
+  parameters: `nn.Linear`, the lab's loss module, `torch.optim.SGD`, autograd, `loss.item()` every
+  step for the convergence and oscillation windows, every tag computed per run with `.item()` and
+  written with `torch.utils.tensorboard.SummaryWriter.add_scalar` at the same steps, histograms with
+  `add_histogram`. It runs on a subset of the runs (at least 10, every loss and dataset) and its time
+  per run is scaled linearly to the study; its final parameters must equal the lab's (float32).
+- logging overhead: the same study with logging off (`train.log_every = 0`: no metric rows, no
+  scalar or histogram events; run directories, config, hparams and summaries are still written)
+  and with every tag logged every step; overheads are relative to logging off, on the study's
+  in-process time (imports and interpreter start excluded, so they are not diluted).
+- single run: one run as a population of one (lab.trainer.train) against the hand-written minimal
+  loop (nn.Linear, loss, backward, SGD step; no logging), per loss.
+- scale: 10,000 runs of the same kind (500 seeds), fully logged, each with its own run directory.
+
+`python -m lab.bench --out bench.json --markdown bench.md` writes the figures as JSON and as a
+Markdown table; `--device cuda` runs everything on the GPU; `--threads N` fixes torch's intra-op
+threads in every process (default: torch's choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+LOSSES = ("mse", "mae", "huber", "log_cosh", "quantile")
+DATASETS = ("clean", "outliers", "heavy_tailed", "skewed")
+TARGETS = {"speedup": 50.0, "logging_overhead_default": 0.10, "logging_overhead_every_step": 0.25,
+           "single_run_ratio": 1.5, "scale_10k_s": 300.0}
+
+
+def study_flat(device: str = "cpu", steps: int = 2000, n: int = 1000, log_every: int = 10) -> dict:
+    """The fixed part of the benchmark study's config (dotted keys)."""
+    return {"name": "bench", "device": device, "dtype": "float32", "data.n": n, "train.steps": steps,
+            "train.log_every": log_every, "train.hist_every": 200, "train.figures": False,
+            "optim.name": "sgd", "optim.lr": 0.05}
+
+
+def study_sweep(seeds: int = 10) -> dict:
+    return {"loss.name": list(LOSSES), "data.kind": list(DATASETS), "seed": list(range(seeds))}
+
+
+def study_runs(flat: dict, sweep: dict) -> list:
+    """The study's runs (lab.study.Run), named as `lab sweep` names them. log_every 0 means logging off."""
+    from lab import study  # noqa: PLC0415 — the parent process times its own imports separately
+
+    off = flat.get("train.log_every") == 0
+    runs = study.sweep_runs({**flat, "train.log_every": 10} if off else flat, sweep)
+    if off:  # not a config value users set: the benchmark's "logging off"
+        for r in runs:
+            r.config = dataclasses.replace(r.config, train=dataclasses.replace(r.config.train, log_every=0))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lab: a fresh process running the study, start-up included.
+
+
+def _child(spec_path: str) -> None:
+    """Body of `python -m lab.bench --child SPEC`: run the study, write timings and peak memory."""
+    t0 = time.perf_counter()
+    spec = json.loads(Path(spec_path).read_text())
+    import torch  # noqa: PLC0415
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    from lab import study  # noqa: PLC0415
+
+    t_import = time.perf_counter() - t0
+    runs = study_runs(spec["flat"], spec["sweep"])
+    t1 = time.perf_counter()
+    _, interrupted = study.execute(runs, Path(spec["runs_dir"]))
+    t_execute = time.perf_counter() - t1
+    statuses = [r.summary["status"] for r in runs]
+    out = {"import_s": t_import, "execute_s": t_execute, "runs": len(runs), "interrupted": interrupted,
+           "completed": statuses.count("completed"), "peak_rss_mb": _peak_rss_mb(),
+           "train_s": sum(r.summary.get("wall_s", 0.0) for r in runs)}
+    if spec["flat"]["device"] == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(spec["result"]).write_text(json.dumps(out))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_study(flat: dict, sweep: dict, runs_dir: Path, threads: int | None) -> dict:
+    """Time the study in a fresh interpreter: wall time from spawn to exit, plus the child's own figures."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    spec = runs_dir / "bench-spec.json"
+    result = runs_dir / "bench-result.json"
+    spec.write_text(json.dumps({"flat": flat, "sweep": sweep, "runs_dir": str(runs_dir), "threads": threads,
+                                "result": str(result)}))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lab.bench", "--child", str(spec)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"study process failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    out = json.loads(result.read_text())
+    out["wall_s"] = wall
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The baseline: the usual loop, one run at a time.
+
+
+def baseline_run(cfg, ds, logdir: Path) -> dict:
+    """One run written the usual way; returns its final parameters and wall time (reference solve included)."""
+    import torch  # noqa: PLC0415
+    from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+    from lab import config, losses, metrics, models, reference, trainer  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    device = trainer.resolve_device(cfg.device)
+    x, y = ds.x.to(device), ds.y.to(device)  # [n, 1], [n]
+    x_val, signal_val = ds.x_val.to(device), ds.truth.signal(ds.x_val).reshape(-1).to(device)
+    outlier = ds.outlier.to(device)
+    ref = reference.solve(cfg.loss.name, config.loss_params(cfg), "linear", ds.x, ds.y)
+    true = torch.tensor([ds.truth.slope, ds.truth.intercept], device=device)
+    ref_theta = torch.tensor([ref.params["slope"], ref.params["intercept"]], device=device)
+    init = models.make("linear").init(trainer.init_seed(cfg.seed), dtype=torch.float32)
+    model = torch.nn.Linear(1, 1, device=device)
+    with torch.no_grad():
+        model.weight.copy_(init["weight"])
+        model.bias.copy_(init["bias"])
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = losses.build(cfg.loss.name, **config.loss_params(cfg))
+    writer = SummaryWriter(str(logdir))
+    steps, log_every, hist_every, window = cfg.train.steps, cfg.train.log_every, cfg.train.hist_every, cfg.train.window
+    tol = cfg.train.converge_tol * abs(ref.loss) + 1e-12
+    recent_loss, recent_params, recent_flips = deque(maxlen=window), deque(maxlen=window), deque(maxlen=window)
+    prev_update, last_above = None, -1
+    for step in range(steps + 1):
+        pred = model(x)[:, 0]
+        pred.retain_grad()  # dL/dpred_i: the per-sample gradient magnitudes
+        loss = loss_fn(pred, y)
+        opt.zero_grad()
+        loss.backward()
+        value = loss.item()  # the usual per-step sync, for the convergence and loss windows
+        if not value - ref.loss <= tol:
+            last_above = step
+        theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+        recent_loss.append(value)
+        recent_params.append(theta.clone())
+        if step % log_every == 0 or step == steps:
+            with torch.no_grad():
+                resid = (pred - y).detach()
+                grad = torch.cat([model.weight.grad.reshape(-1), model.bias.grad])
+                per_sample = pred.grad.abs()
+                val_err = model(x_val)[:, 0] - signal_val
+                window_params = torch.stack(list(recent_params))
+                scalars = {
+                    "loss/train": value, "loss/val_mse": (val_err**2).mean().item(),
+                    "loss/val_mae": val_err.abs().mean().item(), "lr": opt.param_groups[0]["lr"],
+                    "convergence/gap": value - ref.loss,
+                    "convergence/param_error": (theta - true).norm().item(),
+                    "convergence/ref_param_error": (theta - ref_theta).norm().item(),
+                    "oscillation/flip_rate": sum(recent_flips) / max(len(recent_flips), 1),
+                    "oscillation/loss_amplitude": (max(recent_loss) - min(recent_loss))
+                    / max(abs(sum(recent_loss) / len(recent_loss)), 1e-12),
+                    "oscillation/param_amplitude": (window_params.amax(0) - window_params.amin(0)).max().item(),
+                    "grad/norm": grad.norm().item(), "grad/max_abs": grad.abs().max().item(),
+                    "grad/outlier_share": (per_sample[outlier].sum() / per_sample.sum().clamp_min(1e-30)).item(),
+                    "grad/top1_share": metrics.top_share(per_sample[None])[0].item(),
+                    "residual/p99_abs": torch.quantile(resid.abs(), 0.99).item(),
+                    "residual/kurtosis": metrics.excess_kurtosis(resid[None])[0].item(),
+                    "quantile/coverage": (y <= pred).float().mean().item(),
+                    "param/slope": theta[0].item(), "param/intercept": theta[1].item(),
+                }
+                for tag, v in scalars.items():
+                    writer.add_scalar(tag, v, step)
+                if hist_every and step % hist_every == 0:
+                    writer.add_histogram("residual/values", resid, step)
+                    writer.add_histogram("grad/per_sample_abs", per_sample, step)
+        if step == steps:
+            break
+        before = theta.clone()
+        opt.step()
+        update = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]) - before
+        recent_flips.append(0.0 if prev_update is None else ((update * prev_update) < 0).float().mean().item())
+        prev_update = update
+    writer.close()
+    final = {"slope": model.weight.item(), "intercept": model.bias.item()}
+    return {"params": final, "wall_s": time.perf_counter() - t0, "steps_to_converge": last_above + 1}
+
+
+def baseline_subset(runs: list, count: int) -> list:
+    """`count` runs spread over every loss and dataset (loss i mod 5, dataset i mod 4, seeds in turn)."""
+    by_key = {(r.config.loss.name, r.config.data.kind, r.config.seed): r for r in runs}
+    seeds = sorted({r.config.seed for r in runs})
+    return [by_key[(LOSSES[i % len(LOSSES)], DATASETS[i % len(DATASETS)], seeds[i % len(seeds)])]
+            for i in range(count)]
+
+
+def run_baseline(runs: list, count: int, out_dir: Path) -> dict:
+    from lab import config, data  # noqa: PLC0415
+
+    subset = baseline_subset(runs, count)
+    results = []
+    for r in subset:
+        t0 = time.perf_counter()
+        ds = data.make(r.config.data.kind, seed=r.config.seed, **config.data_params(r.config.data))
+        res = baseline_run(r.config, ds, out_dir / r.name)
+        res["wall_s"] += time.perf_counter() - t0 - res["wall_s"]  # the dataset's draw counts too
+        res["name"] = r.name
+        results.append(res)
+    per_run = sum(x["wall_s"] for x in results) / len(results)
+    return {"runs": len(results), "per_run_s": per_run, "results": results}
+
+
+def compare_params(baseline: dict, runs_dir: Path) -> dict:
+    """Largest difference between the baseline's and the lab's final parameters (same runs)."""
+    worst, worst_rel = 0.0, 0.0
+    for res in baseline["results"]:
+        lab_params = json.loads((runs_dir / res["name"] / "summary.json").read_text())["params"]
+        for key, v in res["params"].items():
+            diff = abs(v - lab_params[key])
+            worst = max(worst, diff)
+            worst_rel = max(worst_rel, diff / max(abs(v), 1.0))
+    # float32 over 2000 steps: explicit and autograd gradients round differently (last bits), and
+    # sign-based losses (mae, quantile) turn such differences into steps of lr/n at most now and then.
+    return {"max_abs_diff": worst, "max_rel_diff": worst_rel, "same": worst_rel <= 1e-4}
+
+
+# ---------------------------------------------------------------------------------------------------
+# A single run: population of one against the minimal hand-written loop.
+
+
+def minimal_loop(cfg, ds) -> float:
+    """The hand-written minimal loop (no logging); returns seconds."""
+    import torch  # noqa: PLC0415
+
+    from lab import config, losses, models, trainer  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    device = trainer.resolve_device(cfg.device)
+    x, y = ds.x.to(device), ds.y.to(device)
+    init = models.make("linear").init(trainer.init_seed(cfg.seed), dtype=torch.float32)
+    model = torch.nn.Linear(1, 1, device=device)
+    with torch.no_grad():
+        model.weight.copy_(init["weight"])
+        model.bias.copy_(init["bias"])
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = losses.build(cfg.loss.name, **config.loss_params(cfg))
+    for _ in range(cfg.train.steps):
+        opt.zero_grad()
+        loss_fn(model(x)[:, 0], y).backward()
+        opt.step()
+    model.weight.item()  # wait for the device
+    return time.perf_counter() - t0
+
+
+def single_runs(flat: dict, repeats: int = 3) -> dict:
+    """Per loss: best of `repeats` for the minimal loop and for the lab (logging off and default)."""
+    from lab import config, data, trainer  # noqa: PLC0415
+
+    out = {}
+    for loss in LOSSES:
+        cfg = config.from_flat({**flat, "loss.name": loss, "data.kind": "outliers", "seed": 0})
+        off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=0))
+        ds = data.make(cfg.data.kind, seed=cfg.seed, **config.data_params(cfg.data))
+        trainer.train([cfg], [ds])  # warm-up: lazy imports, first-call allocations
+        times = {"minimal": [], "lab_off": [], "lab_logged": []}
+        for _ in range(repeats):
+            times["minimal"].append(minimal_loop(cfg, ds))
+            times["lab_off"].append(_timed(lambda c=off: trainer.train([c], [ds])))
+            times["lab_logged"].append(_timed(lambda c=cfg: trainer.train([c], [ds], on_log=lambda b: None)))
+        out[loss] = {k: min(v) for k, v in times.items()}
+    total = {k: sum(v[k] for v in out.values()) for k in ("minimal", "lab_off", "lab_logged")}
+    return {"per_loss": out, "ratio_off": total["lab_off"] / total["minimal"],
+            "ratio_logged": total["lab_logged"] / total["minimal"]}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compiled_population(flat: dict, sweep: dict) -> dict:
+    """The 200-run population trained eagerly and with torch.compile (in this process, no writing)."""
+    from lab import config, data, trainer  # noqa: PLC0415
+
+    runs = study_runs(flat, sweep)
+    cfgs = [r.config for r in runs]
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    eager = _timed(lambda: trainer.train(cfgs, datasets, on_log=lambda b: None))
+    first = _timed(lambda: trainer.train(cfgs, datasets, on_log=lambda b: None, compile=True))
+    second = _timed(lambda: trainer.train(cfgs, datasets, on_log=lambda b: None, compile=True))
+    return {"eager_s": eager, "compiled_first_s": first, "compiled_s": second}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def machine(device: str) -> dict:
+    import torch  # noqa: PLC0415
+
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu": model, "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def markdown(fig: dict) -> str:
+    """The figures as a Markdown table (for the README's performance section)."""
+    m = fig["machine"]
+    where = f"{m['cores']} cores, {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "")
+    rows = [
+        ("200-run study, lab (start-up included)", f"{fig['lab_s']:.1f} s ({fig['lab_s'] / fig['runs'] * 1e3:.1f} ms/run)"),
+        (f"200-run study, usual loop ({fig['baseline_runs']} runs, scaled)",
+         f"{fig['baseline_s']:.0f} s ({fig['baseline_per_run_s'] * 1e3:.0f} ms/run)"),
+        ("speedup", f"{fig['speedup']:.0f}x (target >= {TARGETS['speedup']:.0f}x)"),
+        ("same final parameters", f"{fig['same_final_params']} (max rel. diff {fig['max_param_rel_diff']:.1e})"),
+        ("steps/s (runs x steps / lab time)", f"{fig['steps_per_s']:.3g}"),
+        ("peak memory, 200-run study", f"{fig['peak_mb']:.0f} MB"),
+        ("logging overhead, default cadence", f"{fig['logging_overhead_default']:+.0%} (target <= 10%)"),
+        ("logging overhead, every tag every step", f"{fig['logging_overhead_every_step']:+.0%} (target <= 25%)"),
+        ("single run / minimal loop (no logging)", f"{fig['single_run_ratio']:.2f}x (target <= 1.5x)"),
+    ]
+    if fig.get("scale_10k_s") is not None:
+        rows.append((f"{fig['scale_runs']:,} runs, fully logged", f"{fig['scale_10k_s']:.0f} s, "
+                     f"{fig['scale_10k_peak_mb']:.0f} MB peak (target < 300 s)"))
+    if fig.get("compile"):
+        c = fig["compile"]
+        rows.append(("torch.compile (200 runs, training only)", f"eager {c['eager_s']:.1f} s, compiled "
+                     f"{c['compiled_s']:.1f} s + {c['compiled_first_s'] - c['compiled_s']:.1f} s compiling"))
+    lines = [f"Measured by `scripts/bench` on {where}, torch {m['torch']}, {m['threads']} intra-op threads, "
+             f"device {fig['device']}.", "", "| measure | value |", "| --- | --- |"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench.json", help="write the figures here as JSON (default: bench.json)")
+    p.add_argument("--markdown", help="also write the figures as a Markdown table")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, help="torch intra-op threads in every process (default: torch's)")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per loss and dataset (default 10: 200 runs)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--baseline-runs", type=int, default=10, help="runs of the usual loop, scaled up (>= 10)")
+    p.add_argument("--scale-runs", type=int, default=10_000, help="runs of the scale point (0: skip)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats of the lab study (best counts)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the population step")
+    p.add_argument("--keep", help="keep the run directories below this directory")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args.child)
+        return 0
+    if args.device == "cuda":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda: no CUDA GPU is available", file=sys.stderr)
+            return 2
+    if args.seeds < 1 or args.steps < 1 or args.baseline_runs < 1 or args.repeats < 1 or args.scale_runs < 0:
+        print("error: --seeds, --steps, --baseline-runs and --repeats must be >= 1, --scale-runs >= 0",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lab-bench-"))
+    try:
+        fig = _measure(args, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    Path(args.out).write_text(json.dumps(fig, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(fig))
+    print(markdown(fig))
+    print(f"figures written to {args.out}")
+    return 0
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _measure(args, root: Path) -> dict:
+    flat, sweep = study_flat(args.device, args.steps), study_sweep(args.seeds)
+    n_runs = len(LOSSES) * len(DATASETS) * args.seeds
+    labs = []
+    for i in range(args.repeats):
+        _say(f"lab: {n_runs}-run study in a fresh process ({i + 1}/{args.repeats})")
+        labs.append(run_study(flat, sweep, root / f"lab{i}", args.threads))
+    lab = min(labs, key=lambda r: r["wall_s"])
+    lab_dir = root / f"lab{labs.index(lab)}"
+    modes = {}
+    for name, log_every in (("off", 0), ("every_step", 1)):
+        _say(f"lab: the same study, logging {name.replace('_', ' ')}")
+        modes[name] = min((run_study({**flat, "train.log_every": log_every}, sweep, root / f"{name}{i}", args.threads)
+                           for i in range(args.repeats)), key=lambda r: r["execute_s"])
+    _say(f"baseline: the usual loop on {max(args.baseline_runs, 10)} runs")
+    runs = study_runs(flat, sweep)
+    baseline = run_baseline(runs, max(args.baseline_runs, 10), root / "baseline")
+    same = compare_params(baseline, lab_dir)
+    _say("single run: population of one against the minimal loop")
+    single = single_runs(flat)
+    baseline_total = baseline["per_run_s"] * n_runs
+    fig = {
+        "device": args.device, "machine": machine(args.device), "runs": n_runs, "steps": args.steps,
+        "lab_s": lab["wall_s"], "lab_import_s": lab["import_s"], "lab_execute_s": lab["execute_s"],
+        "lab_train_s": lab["train_s"], "lab_runs_completed": lab["completed"],
+        "lab_wall_s_all": [r["wall_s"] for r in labs],
+        "lab_per_run_s": lab["wall_s"] / n_runs,
+        "baseline_runs": baseline["runs"], "baseline_per_run_s": baseline["per_run_s"], "baseline_s": baseline_total,
+        "baseline_note": f"the usual loop ran {baseline['runs']} of the {n_runs} runs; its time per run is "
+                         f"scaled linearly to {n_runs} runs",
+        "speedup": baseline_total / lab["wall_s"],
+        "same_final_params": same["same"], "max_param_abs_diff": same["max_abs_diff"],
+        "max_param_rel_diff": same["max_rel_diff"],
+        "steps_per_s": n_runs * args.steps / lab["wall_s"],
+        "peak_mb": lab["peak_rss_mb"],
+        "logging_off_execute_s": modes["off"]["execute_s"], "logging_every_step_execute_s": modes["every_step"]["execute_s"],
+        "logging_overhead_default": lab["execute_s"] / modes["off"]["execute_s"] - 1,
+        "logging_overhead_every_step": modes["every_step"]["execute_s"] / modes["off"]["execute_s"] - 1,
+        "single_run": single["per_loss"], "single_run_ratio": single["ratio_off"],
+        "single_run_ratio_logged": single["ratio_logged"],
+        "scale_runs": None, "scale_10k_s": None, "scale_10k_peak_mb": None,
+    }
+    if args.device == "cuda":
+        fig["peak_gpu_mb"] = lab.get("peak_gpu_mb")
+    if args.compile:
+        _say("torch.compile: the population step compiled (in process)")
+        fig["compile"] = compiled_population(flat, sweep)
+    if args.scale_runs:
+        seeds = math.ceil(args.scale_runs / (len(LOSSES) * len(DATASETS)))
+        _say(f"scale: {seeds * len(LOSSES) * len(DATASETS)} runs, fully logged")
+        scale = run_study(flat, study_sweep(seeds), root / "scale", args.threads)
+        fig.update(scale_runs=scale["runs"], scale_10k_s=scale["wall_s"], scale_10k_peak_mb=scale["peak_rss_mb"],
+                   scale_completed=scale["completed"])
+        if args.device == "cuda":
+            fig["scale_peak_gpu_mb"] = scale.get("peak_gpu_mb")
+        shutil.rmtree(root / "scale", ignore_errors=True)
+    return fig
+
+
+if __name__ == "__main__":
+    sys.exit(main())

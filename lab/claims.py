@@ -1,0 +1,194 @@
+"""`lab claims`: every claim of the guide, measured on real training runs; one table, a report, figures.
+
+    experiments/*.toml -> Study (lab.claim_studies: a config grid + its [claim]) -> runs, all trained in one
+    lab.study.execute call (so studies that share a population train together) -> Measurement
+    (lab.claim_measures, lab.claim_training) -> checks against the study's thresholds -> verdict ->
+    table on stdout, DIR/report.md, DIR/claims.json, DIR/figures/*.png and the same images in
+    TensorBoard (lab.claim_report).
+
+Verdicts come only from the measurements and the thresholds in the study files (see lab.claim_studies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab import rundir, study, trainer
+from lab.claim_measures import MEASURES
+from lab.claim_report import numbers, spread, table_markdown, table_text, write_figures, write_report  # noqa: F401
+from lab.claim_studies import (  # noqa: F401
+    EXPERIMENTS,
+    VERDICTS,
+    Check,
+    Study,
+    expand,
+    judge,
+    load_all,
+    load_study,
+    verdict,
+)
+from lab.config import ConfigError
+
+MARKER = ".lab-claims"  # marks a folder as lab claims output, so a rerun may clear it
+
+
+@dataclass
+class CheckResult:
+    check: Check
+    label: str
+    values: list[float]
+    outcome: str  # pass | fail | inconclusive
+    passed: int
+    failed: int
+    interval: tuple[float, float] | None = None  # stat mean / geomean: mean ± 2 standard errors
+
+
+@dataclass
+class ClaimResult:
+    study: Study
+    values: dict[str, list[float]]
+    labels: dict[str, str]
+    checks: list[CheckResult]
+    verdict: str
+    details: str = ""
+    plots: dict = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    runs: list = field(default_factory=list, repr=False)  # the study's runs (summaries, directories)
+
+
+def evaluate(st: Study, runs: list[study.Run]) -> ClaimResult:
+    """Measure one study's runs and judge its checks. A measurement that raises makes the claim inconclusive."""
+    spec = MEASURES[st.measure]
+    labels = {m: spec.label(m, st.params) for m in spec.labels}
+    statuses: dict[str, int] = {}
+    for r in runs:
+        s = (r.summary or {}).get("status", "missing")
+        statuses[s] = statuses.get(s, 0) + 1
+    try:
+        m = spec.fn(runs, st.params)
+    except Exception as e:  # noqa: BLE001 — one broken measurement must not cost the other claims
+        checks = [CheckResult(c, labels[c.metric], [], "inconclusive", 0, 0) for c in st.checks]
+        return ClaimResult(st, {}, labels, checks, "inconclusive", statuses=statuses, runs=runs,
+                           error=f"measurement failed: {e.__class__.__name__}: {e}")
+    checks = []
+    for c in st.checks:
+        values = [float(v) for v in m.values.get(c.metric, [])]
+        outcome, passed, failed, interval = judge(c, values, st.agree)
+        checks.append(CheckResult(c, labels[c.metric], values, outcome, passed, failed, interval))
+    return ClaimResult(st, m.values, labels, checks, verdict([c.outcome for c in checks]), m.details, m.plots,
+                       statuses, runs=runs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running everything
+
+
+@dataclass
+class Report:
+    results: list[ClaimResult]
+    out: Path
+    quick: bool
+    runs: int
+    train_s: float
+    total_s: float
+    interrupted: bool = False
+    populations: int = 0
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path | str = EXPERIMENTS,
+        only: list[str] | None = None, log=None) -> Report:
+    """Load every study, train all their runs in one call, measure, judge, write the report and figures."""
+    t0 = time.perf_counter()
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    studies = load_all(Path(experiments), quick, only)
+    out = _prepare_out(Path(out))
+    by_study: dict[str, list[study.Run]] = {}
+    for st in studies:
+        by_study[st.id] = []
+        for cfg, swept in st.grid:
+            r = study.Run(config=cfg, name=study.run_name(cfg, swept), swept=swept)
+            r.dir = rundir.create(out / "runs" / st.name, r.name)
+            by_study[st.id].append(r)
+    all_runs = [r for rs in by_study.values() for r in rs]
+    interrupted = False
+    populations = len({trainer.population_key(r.config) for r in all_runs})
+    if all_runs:
+        log(f"lab claims{' --quick' if quick else ''}: {len(all_runs)} runs of {len(by_study)} studies in "
+            f"{populations} populations -> {out}")
+        progress = _Progress(studies, by_study, log)
+        with _one_thread():
+            _, interrupted = study.execute(all_runs, out / "runs", figures=False, on_done=progress.done)
+    train_s = time.perf_counter() - t0
+    results = [evaluate(st, by_study[st.id]) for st in studies]
+    report = Report(results, out, quick, len(all_runs), train_s, 0.0, interrupted, populations)
+    report.figures = write_figures(results, out / "figures", tensorboard=True)
+    report.total_s = time.perf_counter() - t0
+    write_report(report)
+    return report
+
+
+def _prepare_out(out: Path) -> Path:
+    """Make `out` (or clear what an earlier `lab claims` wrote there); refuse any other non-empty folder."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise ConfigError(f"--out {out} is not empty and was not written by `lab claims`; choose a new folder")
+        for name in ("runs", "figures"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("report.md", "claims.json"):
+            (out / name).unlink(missing_ok=True)
+    rundir.check_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `lab claims`; the next run clears runs/, figures/, report.md, claims.json\n")
+    return out
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Populations here are small: intra-op threads cost more than they give (and stall on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Progress:
+    """One stderr line per study once all its runs are done."""
+
+    def __init__(self, studies, by_study, log):
+        self.owner = {id(r): st for st in studies for r in by_study[st.id]}
+        self.left = {st.id: len(by_study[st.id]) for st in studies}
+        self.log, self.t0 = log, time.perf_counter()
+
+    def done(self, run):
+        st = self.owner.get(id(run))
+        if st is None:
+            return
+        self.left[st.id] -= 1
+        if self.left[st.id] == 0:
+            self.log(f"  trained {st.id:>3} {st.title} ({time.perf_counter() - self.t0:.1f} s)")
+
+
+def main(args) -> int:
+    """`lab claims [--quick] [--out DIR]`: 0 all runs done, 1 a run or measurement failed, 130 interrupted."""
+    report = run(quick=args.quick, out=Path(args.out), experiments=Path(getattr(args, "experiments", None)
+                                                                          or EXPERIMENTS))
+    print(table_text(report.results))
+    print(f"report: {report.out / 'report.md'} ({report.total_s:.0f} s)")
+    print(f"TensorBoard: tensorboard --logdir {report.out}")
+    if report.interrupted:
+        return 130
+    failed = any(r.error or r.statuses.get("failed") for r in report.results)
+    return 1 if failed else 0

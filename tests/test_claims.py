@@ -1,0 +1,405 @@
+"""`lab claims`: the quick study end to end, verdicts recomputed from their numbers, every measurement on
+small cases with known answers, the study-file format and its errors.
+
+Covers lab/claims.py, lab/claim_studies.py, lab/claim_measures.py, lab/claim_training.py,
+lab/claim_comparison.py and lab/claim_report.py.
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lab import claim_comparison, claim_studies, claim_training, claims, cli, config, data, study
+from lab import claim_measures as cm
+from lab.claim_studies import Check, judge, verdict
+from lab.config import ConfigError
+from lab.events import EventWriter
+
+EXPERIMENTS = Path(claims.EXPERIMENTS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The quick study, once (about 15 s on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("claims") / "out"
+    return claims.run(quick=True, out=out, log=lambda msg: None)
+
+
+def test_every_study_has_a_verdict_recomputed_from_its_numbers(quick):
+    ids = {claim_studies.load_study(p).id for p in EXPERIMENTS.glob("*.toml")}
+    assert {r.study.id for r in quick.results} == ids
+    for r in quick.results:
+        assert r.error is None, r.error
+        assert r.verdict in claims.VERDICTS
+        outcomes = []
+        for c in r.checks:
+            # The values judged are exactly the measurement's numbers, and judging them again agrees.
+            assert c.values == [float(v) for v in r.values[c.check.metric]]
+            assert judge(c.check, c.values, r.study.agree)[0] == c.outcome
+            outcomes.append(c.outcome)
+        assert r.verdict == verdict(outcomes)
+
+
+def test_claims_the_guide_gets_right_hold_and_the_linear_scale_claim_does_not(quick):
+    # Expected from the measurements on these seeds (see the numbers in the report): every claim holds except
+    # 7a, where a linear model's MSE curvature does not depend on the target scale, so nothing diverges.
+    by_id = {r.study.id: r for r in quick.results}
+    assert {i: r.verdict for i, r in by_id.items() if r.verdict != "holds"} == {"7a": "does not hold"}
+    failing = [c for c in by_id["7a"].checks if c.outcome == "fail"]
+    assert [c.check.metric for c in failing] == ["raw_diverged"]
+    assert failing[0].values == [0.0, 0.0]  # both seeds: the x1000 linear run completed
+
+
+def test_run_statuses_are_what_the_claims_measured(quick):
+    # Only the MLP trained on x1000 targets without normalisation or clipping diverges (2 quick seeds).
+    for r in quick.results:
+        expected = {"completed": 6, "diverged": 2} if r.study.id == "7b" else {"completed": len(r.runs)}
+        assert r.statuses == (expected if r.runs else {}), r.study.id
+        for run in r.runs:
+            assert (run.dir / "summary.json").is_file() and list(run.dir.glob("events.out.tfevents.*"))
+
+
+def test_flipping_a_threshold_flips_the_verdict(quick, tmp_path):
+    # Same runs, the oscillation study's amplitude check demanding the impossible: the verdict follows it.
+    src = (EXPERIMENTS / "mae_oscillation.toml").read_text()
+    flipped = src.replace('metric = "decay_ratio"\nmin = 10.0', 'metric = "decay_ratio"\nmin = 1e9')
+    assert flipped != src
+    (tmp_path / "mae_oscillation.toml").write_text(flipped)
+    st = claim_studies.load_study(tmp_path / "mae_oscillation.toml", quick=True)
+    original = next(r for r in quick.results if r.study.id == "5")
+    again = claims.evaluate(st, original.runs)
+    assert original.verdict == "holds" and again.verdict == "does not hold"
+    assert again.values == original.values
+
+
+def test_report_table_json_and_figures_are_written(quick):
+    out = quick.out
+    report = (out / "report.md").read_text()
+    assert "| claim | measured | numbers | verdict |" in report and f"tensorboard --logdir {out}" in report
+    assert (out / "table.md").read_text().count("\n") == len(quick.results) + 2
+    saved = json.loads((out / "claims.json").read_text())
+    assert [c["verdict"] for c in saved["claims"]] == [r.verdict for r in quick.results]
+    assert saved["runs"] == sum(len(r.runs) for r in quick.results) and saved["populations"] == 5
+    names = {n for r in quick.results for n in r.plots}
+    assert set(quick.figures) == names and len(names) >= 7
+    for path in quick.figures.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{path.name}" in report
+    images = _image_tags(out / "figures")
+    assert images == {f"claims/{n}" for n in names}
+
+
+def _image_tags(folder: Path) -> set[str]:
+    from tensorboard.compat.proto import event_pb2
+
+    tags = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        raw, pos = path.read_bytes(), 0
+        while pos + 12 <= len(raw):
+            (length,) = np.frombuffer(raw[pos:pos + 8], "<u8")
+            event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + int(length)])
+            pos += 12 + int(length) + 4
+            tags |= {v.tag for v in event.summary.value if v.HasField("image")}
+    return tags
+
+
+def test_terminal_table_lists_every_claim_with_its_verdict(quick):
+    text = claims.table_text(quick.results)
+    for r in quick.results:
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{r.study.id}. "))
+        assert line.rstrip().endswith(r.verdict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line (loss-only studies: no training, so fast)
+
+
+@pytest.fixture
+def loss_only(tmp_path, monkeypatch):
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    for name in ("penalty_scaling", "gradient_flow", "log_cosh_limits"):
+        shutil.copy(EXPERIMENTS / f"{name}.toml", folder)
+    monkeypatch.setattr(claims, "EXPERIMENTS", folder)
+    return folder
+
+
+def test_cli_runs_the_studies_prints_the_table_and_reruns_into_the_same_folder(loss_only, tmp_path, capsys):
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run clears what the first wrote
+        assert cli.main(["claims", "--quick", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "1. Penalty scaling" in printed and f"tensorboard --logdir {out}" in printed
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["gradient_flow.png", "log_cosh.png",
+                                                                         "target_practice.png"]
+
+
+def test_cli_refuses_a_folder_it_did_not_write(loss_only, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert cli.main(["claims", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not written by `lab claims`" in err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_reports_a_bad_study_file_in_one_line(loss_only, capsys):
+    (loss_only / "bad.toml").write_text('[claim]\nid = "x"\ntitle = "t"\nguide = "g"\nmeasured = "m"\n'
+                                        'measure = "penalty_tabel"\n')
+    assert cli.main(["claims", "--out", str(loss_only.parent / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.toml: unknown measure 'penalty_tabel'" in err
+    assert "did you mean 'penalty_table'" in err
+
+
+def test_threshold_flip_on_a_loss_only_claim(loss_only, tmp_path):
+    path = loss_only / "penalty_scaling.toml"
+    path.write_text(path.read_text().replace("min = 15.999999\nmax = 16.000001", "min = 3.999999\nmax = 4.000001"))
+    report = claims.run(out=tmp_path / "o", experiments=loss_only, only=["1"], log=lambda m: None)
+    (r,) = report.results
+    assert r.verdict == "does not hold"  # MSE's penalty of a 4-ring miss is 16, not 4
+    assert [c.outcome for c in r.checks] == ["fail", "pass", "pass", "pass"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verdict rules
+
+
+@pytest.mark.parametrize("values,outcome,passed,failed", [
+    ([5.0, 6.0, 7.0, 8.0], "pass", 4, 0),
+    ([5.0, 6.0, 7.0, 1.0], "pass", 3, 1),          # 3/4 >= agree 0.75
+    ([5.0, 6.0, 1.0, 1.0], "inconclusive", 2, 2),  # seeds disagree
+    ([1.0, 1.0, 1.0, 6.0], "fail", 1, 3),
+    ([5.0, 6.0, math.nan, 1.0], "inconclusive", 2, 1),  # a run that could not be measured counts for neither
+    ([math.inf], "pass", 1, 0),
+    ([], "inconclusive", 0, 0),
+])
+def test_judge_per_seed(values, outcome, passed, failed):
+    assert judge(Check("m", min=3.0), values, agree=0.75) == (outcome, passed, failed, None)
+
+
+def test_judge_geomean_uses_the_interval_of_the_log_ratios():
+    # logs 0 and log 4 -> mean log 2, sd(ddof=1) = log(4)/sqrt(2), half-width 2 * sd / sqrt(2) = log 4:
+    # interval exp(log 2 -+ log 4) = [0.5, 8].
+    outcome, _, _, (lo, hi) = judge(Check("m", min=1.0, stat="geomean"), [1.0, 4.0], 0.75)
+    assert (lo, hi) == pytest.approx((0.5, 8.0)) and outcome == "inconclusive"
+    assert judge(Check("m", min=0.4, stat="geomean"), [1.0, 4.0], 0.75)[0] == "pass"
+    assert judge(Check("m", min=9.0, stat="geomean"), [1.0, 4.0], 0.75)[0] == "fail"
+    assert judge(Check("m", max=1.0, stat="mean"), [0.0, 0.2, 0.4], 0.75)[0] == "pass"  # mean 0.2 ± 0.23
+    assert judge(Check("m", min=1.0, stat="geomean"), [2.0, -1.0, 3.0], 0.75)[0] == "inconclusive"
+
+
+def test_verdict_of_a_claim():
+    assert verdict(["pass", "pass"]) == "holds"
+    assert verdict(["pass", "inconclusive"]) == "inconclusive"
+    assert verdict(["inconclusive", "fail"]) == "does not hold"
+    assert verdict([]) == "inconclusive"
+
+
+def test_check_condition_text():
+    assert Check("m", min=15.999999, max=16.000001).condition() == "16 ± 1e-06"
+    assert Check("m", min=0.999, max=1.001).condition() == "1 ± 0.001"
+    assert Check("m", min=0.2, max=0.6).condition() == "in [0.2, 0.6]"
+    assert Check("m", max=0.01).condition() == "≤ 0.01"
+
+
+def test_number_format():
+    assert [cm.fmt(x) for x in (3100.4, 12.345, 0.5, 16.0, 0.00012, 123456.0, math.nan, math.inf)] == \
+        ["3100", "12.3", "0.5", "16", "1.20e-04", "1.23e+05", "n/a", "inf"]
+
+
+def test_spread_counts_non_finite_values():
+    assert claims.spread([1.0, 3.0]) == "2 ± 1"
+    assert claims.spread([4.0]) == "4"
+    assert claims.spread([math.inf, math.inf]) == "inf"
+    assert claims.spread([1.0, math.nan]) == "1 ± 0 (1 of 2 not finite)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Study files
+
+
+def _study(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return claim_studies.load_study(path)
+
+
+CLAIM = '[claim]\nid = "9"\ntitle = "t"\nguide = "g"\nmeasured = "m"\nmeasure = "outlier_shift"\n'
+CHECK = '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\n'
+
+
+@pytest.mark.parametrize("text,message", [
+    ("data.n = 20\n", "no [claim] table"),
+    (CLAIM.replace('title = "t"\n', ""), "[claim] needs title"),
+    (CLAIM, "no [[claim.check]]"),
+    (CLAIM + 'agree = 0.5\n' + CHECK, "agree must be a number in (0.5, 1]"),
+    (CLAIM + 'seeds = 3\n' + CHECK, "unknown [claim] key 'seeds'"),
+    (CLAIM + '[[claim.check]]\nmetric = "mse_over_mea"\nmin = 3.0\n', "did you mean 'mse_over_mae'"),
+    (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\n', "needs min or max"),
+    (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\nmax = 1.0\n', "min 3 > max 1"),
+    (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\nstat = "median"\n', "stat must be one of"),
+    (CLAIM + '[claim.params]\nflor = 1.0\n' + CHECK, "no parameter 'flor' (did you mean 'floor'?)"),
+    ('loss.nme = "mae"\n' + CLAIM + CHECK, "s.toml: unknown key 'loss.nme'"),
+    ('[sweep]\nseed = 3\n' + CLAIM + CHECK, "[sweep] seed must be a non-empty list"),
+    ('[sweep]\n"loss.delta,optim.lr" = [0.1, 0.2]\n' + CLAIM + CHECK, "each value must be a list of 2"),
+    ('data.n = 20\n' + CLAIM.replace("outlier_shift", "penalty_table") + '[[claim.check]]\nmetric = "mse_at"\nmin = 1\n',
+     "trains nothing"),
+])
+def test_bad_study_files_give_one_line_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        _study(tmp_path, text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sweep_blocks_are_joined_zipped_keys_vary_together_and_quick_overrides(tmp_path):
+    text = ('train.steps = 300\n[[sweep]]\n"loss.name" = ["mse", "mae"]\nseed = [0, 1, 2]\n'
+            '[[sweep]]\n"loss.name" = ["huber"]\n"loss.delta,optim.lr" = [[0.1, 0.5], [2.0, 0.05]]\nseed = [0, 1, 2]\n'
+            '[[sweep]]\n"loss.name" = ["mse"]\nseed = [0]\n'  # already in the first block: trained once
+            + CLAIM + CHECK + '[claim.quick]\nseed = [0]\n"train.steps" = 50\n')
+    full = _study(tmp_path, text)
+    assert len(full.grid) == 6 + 6
+    pairs = {(c.loss.delta, c.optim.lr) for c, _ in full.grid if c.loss.name == "huber"}
+    assert pairs == {(0.1, 0.5), (2.0, 0.05)}
+    quick = claim_studies.load_study(tmp_path / "s.toml", quick=True)
+    assert len(quick.grid) == 2 + 2 and {c.train.steps for c, _ in quick.grid} == {50}
+    assert {c.seed for c, _ in quick.grid} == {0}
+
+
+def test_every_shipped_study_loads_in_both_modes():
+    for path in EXPERIMENTS.glob("*.toml"):
+        full, quick = claim_studies.load_study(path), claim_studies.load_study(path, quick=True)
+        assert len(quick.grid) <= len(full.grid)
+        assert "#" in path.read_text().splitlines()[0]  # each file opens with the question it answers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements on the loss functions (known values)
+
+
+def test_penalties_and_gradients_of_the_loss_modules():
+    e = [-4.0, -1.0, 0.5, 3.0]
+    assert cm.penalties("mse", e).tolist() == [16.0, 1.0, 0.25, 9.0]
+    assert cm.penalties("mae", e).tolist() == [4.0, 1.0, 0.5, 3.0]
+    assert cm.gradients("mse", e).tolist() == [-8.0, -2.0, 1.0, 6.0]  # 2e
+    assert cm.gradients("mae", e).tolist() == [-1.0, -1.0, 1.0, 1.0]  # sign(e)
+    assert cm.gradients("huber", e, delta=1.5).tolist() == [-1.5, -1.0, 0.5, 1.5]  # clamp(e, -delta, delta)
+    assert cm.gradients("quantile", e, tau=0.9).tolist() == pytest.approx([-0.9, -0.9, 0.1, 0.1])
+
+
+def test_grid_helpers():
+    x = np.array([1.0, 2.0, 4.0])
+    assert cm.power_law_exponent(x, 3 * x**2) == pytest.approx(2.0)
+    assert cm.power_law_exponent(x, np.full(3, 7.0)) == pytest.approx(0.0, abs=1e-12)
+    e = cm.error_grid(2.0, 0.25)
+    assert e.size == 17 and 0.0 in e and 1.0 in e and e[-1] == 2.0
+    assert cm.plateau_start(e, np.minimum(np.abs(e), 1.5)) == 1.5
+    assert cm.largest_jump([0.0, 0.1, 1.1, 1.2]) == pytest.approx(1.0)
+    assert cm.ratio(6.0, 2.0) == 3.0 and cm.ratio(6.0, 0.0, floor=1e-3) == 6000.0
+    assert cm.ratio(1.0, 0.0) == math.inf and math.isnan(cm.ratio(math.nan, 1.0))
+
+
+def test_loss_only_measurements_match_their_closed_forms():
+    m = cm.MEASURES["penalty_table"].fn([], {"misses": [1, 2, 4], "at": 4})
+    assert m.values["mse_at"] == [16.0] and m.values["mae_at"] == [4.0]
+    g = cm.MEASURES["gradient_flow"].fn([], cm.MEASURES["gradient_flow"].defaults)
+    assert g.values["huber_switch"] == [1.5] and g.values["mse_over_mae_at_4"] == [8.0]  # 2*4 / 1
+    lc = cm.MEASURES["log_cosh_limits"].fn([], cm.MEASURES["log_cosh_limits"].defaults)
+    # log cosh e = e^2/2 - e^4/12 + ...: relative gap e^2/6 at e = 0.1; far out log(1 + exp(-2|e|)) at |e| = 5.
+    assert lc.values["small_rel_error"][0] == pytest.approx(0.1**2 / 6, rel=1e-2)
+    assert lc.values["large_abs_error"][0] == pytest.approx(math.log1p(math.exp(-10)), rel=1e-6)
+
+
+def test_penalty_table_rejects_an_at_outside_the_misses():
+    with pytest.raises(ValueError, match="at=5 is not one of the misses"):
+        cm.MEASURES["penalty_table"].fn([], {"misses": [1, 2], "at": 5})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements on runs, with hand-made run records (known answers)
+
+
+def _run(tmp_path, flat, summary, ds=None):
+    cfg = config.from_flat({"train.figures": False, **flat})
+    d = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    d.mkdir()
+    if ds is not None:
+        ds.save(d / "data.npz")
+    return study.Run(cfg, d.name, {}, d, {"status": "completed", "steps": 100, **summary})
+
+
+def test_optimum_statistics_on_a_fixed_sample(tmp_path):
+    # Sample with y = [0, 1, 2, 3, 10] (n = 5): mean 3.2, median 2, 0.8-quantile... set through the data file.
+    ds = data.make("skewed", n=5, seed=0, slope=0.0)
+    ds.y = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0])
+    sd = float(np.std([0.0, 1.0, 2.0, 3.0, 10.0]))
+    base = {"model.kind": "constant", "data.kind": "skewed", "data.n": 5}
+    runs = [_run(tmp_path, {**base, "loss.name": "mse"}, {"params": {"value": 3.2}}, ds),
+            _run(tmp_path, {**base, "loss.name": "rmse"}, {"params": {"value": 3.2}}),
+            _run(tmp_path, {**base, "loss.name": "mae"}, {"params": {"value": 2.5}}),  # not the median
+            _run(tmp_path, {**base, "loss.name": "quantile", "loss.tau": 0.8}, {"params": {"value": 3.0}})]
+    v = cm.MEASURES["optimum_statistics"].fn(runs, {}).values
+    assert v["mse_vs_mean"][0] == pytest.approx(0.0, abs=1e-7)
+    assert v["mae_vs_median"][0] == pytest.approx(0.5 / sd)
+    assert v["mae_rank_error"][0] == pytest.approx(0.1)  # 3 of 5 points at or below 2.5: 0.6 - 0.5
+    assert v["quantile_rank_error"][0] == pytest.approx(0.0)  # 4 of 5 at or below 3: exactly 0.8
+    assert v["mean_median_gap"][0] == pytest.approx(1.2 / sd)
+
+
+def test_outlier_shift_ratios(tmp_path):
+    ds = data.make("outliers", n=20, seed=0, outlier_fraction=0.05)
+    slopes = {("mse", 0.0): 2.0, ("mse", 0.05): 3.0, ("mae", 0.0): 2.0, ("mae", 0.05): 2.1,
+              ("huber", 0.0): 2.0, ("huber", 0.05): 2.5}
+    runs = [_run(tmp_path, {"data.kind": "outliers", "data.n": 20, "data.outlier_fraction": f, "loss.name": n},
+                 {"params": {"slope": s, "intercept": 1.0}, "reference": {"params": {"slope": s, "intercept": 1.0}}},
+                 ds) for (n, f), s in slopes.items()]
+    v = cm.MEASURES["outlier_shift"].fn(runs, {"floor": 1e-6}).values
+    assert v["mse_over_mae"][0] == pytest.approx(10.0) and v["mse_over_huber"][0] == pytest.approx(2.0)
+
+
+def test_huber_interpolation_positions(tmp_path):
+    # MAE fit (2, 1), MSE fit (2, 2); Huber fits at intercepts 1.0, 1.5, 1.4, 2.0 -> t = 0, 0.5, 0.4, 1.
+    def fit(b):
+        return {"params": {"slope": 2.0, "intercept": b}}
+    base = {"data.kind": "outliers"}
+    runs = [_run(tmp_path, {**base, "loss.name": "mse"}, fit(2.0)), _run(tmp_path, {**base, "loss.name": "mae"}, fit(1.0))]
+    runs += [_run(tmp_path, {**base, "loss.name": "huber", "loss.delta": d}, fit(b))
+             for d, b in ((0.1, 1.0), (1.0, 1.5), (3.0, 1.4), (30.0, 2.0))]
+    v = claim_training.huber_interpolation(runs, {}).values
+    assert v["small_to_mae"] == [0.0] and v["large_to_mse"] == [0.0]
+    assert v["max_backstep"][0] == pytest.approx(0.1) and v["separation"] == [1.0]
+
+
+def test_a_run_that_did_not_complete_measures_as_nan(tmp_path):
+    r = _run(tmp_path, {}, {"params": {"slope": 1.0}})
+    r.summary["status"] = "failed"
+    assert math.isnan(cm.fitted(r, "slope")) and math.isnan(cm.final(r, "loss/train"))
+    assert math.isnan(cm.steps_to_converge(r))
+    r.summary.update(status="completed", steps_to_converge=None)
+    assert cm.steps_to_converge(r) == 101  # never converged: censored at steps + 1
+
+
+def test_comparison_ratings_and_line_shift(tmp_path):
+    assert [claim_comparison._rate(v, [0.25, 0.6]) for v in (0.1, 0.25, 0.5, 0.7, math.nan)] == \
+        ["excellent", "excellent", "moderate", "poor", "n/a"]
+    a = _run(tmp_path, {}, {"params": {"slope": 2.0, "intercept": 1.0}})
+    b = _run(tmp_path, {}, {"params": {"slope": 2.0, "intercept": 1.5}})
+    assert claim_comparison._line_shift(a, b) == pytest.approx(0.5)  # parallel lines 0.5 apart
+
+
+def test_read_scalars_reads_back_what_the_event_writer_wrote(tmp_path):
+    with EventWriter(tmp_path) as w:
+        w.add_scalar_block(["param/slope", "loss/train"], np.arange(3), np.array([[1.0, 9.0], [2.0, 8.0], [3.0, 7.0]]))
+        w.add_text("config", "ignored")
+    got = cm.read_scalars(tmp_path, ("param/slope", "loss/train", "absent"))
+    assert got["param/slope"][0].tolist() == [0, 1, 2] and got["param/slope"][1].tolist() == [1.0, 2.0, 3.0]
+    assert got["loss/train"][1].tolist() == [9.0, 8.0, 7.0] and got["absent"][0].size == 0

@@ -1,0 +1,335 @@
+"""The `lab` command line end to end: real subprocesses for the main paths, in-process for the error table.
+
+A subprocess costs a Python start and a torch import (3-8 s on 2 cores), so only what needs a real
+process (exit codes, stdout/stderr separation, no traceback) goes through one; the rest calls
+`lab.cli.main` in this process, which is the same code the `lab` script runs.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab import cli, config, rundir
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+# Small and fast: 20 steps over 60 points, CPU, no figures (matplotlib costs more than the training).
+TINY = """\
+name = "tiny"
+device = "cpu"
+[data]
+kind = "outliers"
+n = 60
+n_val = 30
+[train]
+steps = 20
+log_every = 10
+hist_every = 10
+figures = false
+"""
+
+
+def lab(*words, cwd=None):
+    """Run the real command line in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "lab", *map(str, words)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120, check=False)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def run_in_process(capsys, *words):
+    rc = cli.main([str(w) for w in words])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: run, sweep, resume, report, and exit code 2 for bad input.
+
+
+def test_run_trains_one_run_and_prints_its_directory_and_summary(tiny, tmp_path):
+    res = lab("run", tiny, "loss.name=huber", "--runs-dir", tmp_path / "runs", "loss.delta=0.5")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    run_dir = Path(out[0])
+    assert run_dir == tmp_path / "runs" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 20
+    assert summary["config"]["loss.delta"] == 0.5  # the override after --runs-dir was applied
+    # The one-line summary shows the same numbers as summary.json.
+    assert out[1].startswith("completed  loss=")
+    assert f"slope={summary['params']['slope']:.4g}" in out[1]
+    assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "data.npz", "summary.json"}
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    # The saved config.toml loads back to the same config.
+    again, _ = config.load(run_dir / "config.toml")
+    assert config.to_flat(again) == summary["config"]
+
+
+def test_sweep_2x2_writes_4_runs_and_resume_trains_nothing(tiny, tmp_path):
+    runs = tmp_path / "runs"
+    res = lab("sweep", tiny, "loss.name=mse,mae", "seed=0,1", "--runs-dir", runs)
+    assert res.returncode == 0, res.stderr
+    sweep_dir = runs / "tiny"
+    names = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "figures")
+    assert names == ["outliers-mae-s0", "outliers-mae-s1", "outliers-mse-s0", "outliers-mse-s1"]
+    summaries = [json.loads((sweep_dir / n / "summary.json").read_text()) for n in names]
+    assert all(s["status"] == "completed" for s in summaries)
+    assert all(s["population_size"] == 4 for s in summaries)  # one shared population
+    assert {(s["swept"]["loss.name"], s["swept"]["seed"]) for s in summaries} == {
+        ("mse", 0), ("mse", 1), ("mae", 0), ("mae", 1)}
+    # Not a terminal: one line per finished run, then the total.
+    lines = res.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:4]] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert lines[-1] == f"{sweep_dir}: 4 runs; trained now: 4 completed"
+
+    stamps = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()}
+    again = lab("sweep", tiny, "loss.name=mse,mae", "seed=0,1", "--runs-dir", runs, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resume: 4 of 4 runs already completed" in again.stderr
+    assert again.stdout.strip() == f"{sweep_dir}: 4 runs; trained now: nothing to do"
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()} == stamps
+
+    rep = lab("report", sweep_dir, "--by", "loss.name")
+    assert rep.returncode == 0, rep.stderr
+    rows = [line.split() for line in rep.stdout.splitlines()[2:]]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("mae", "2", "2", "completed"), ("mse", "2", "2", "completed")]
+    # The mean of the mse group's final loss equals the mean of its two summaries.
+    mse = [s["final"]["loss/train"] for s in summaries if s["swept"]["loss.name"] == "mse"]
+    assert rows[1][4] == f"{sum(mse) / 2:.4g}"
+
+
+# These fail before the torch import, so each process costs a fraction of a second.
+@pytest.mark.parametrize("words,message", [
+    (["run", "{dir}/missing.toml"], "config file not found"),
+    (["run", "{bad}"], "line 2, column 9"),
+    (["run", "{tiny}", "loss.detla=0.5"], "did you mean 'loss.delta'?"),
+    (["report", "{dir}/nothing-here"], "is not a directory"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_bad_input_exits_2_with_one_line_in_a_real_process(words, message, tiny, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[loss]\ndelta = \n")
+    res = lab(*[w.format(dir=tmp_path, tiny=tiny, bad=bad) for w in words])
+    assert res.returncode == 2
+    assert message in one_error_line(res.stderr)
+    assert res.stdout == ""
+
+
+def test_help_reads_like_a_manual():
+    res = lab("--help")
+    assert res.returncode == 0
+    for text in ("examples:", "lab sweep configs/outliers.toml loss.name=mse,mae,huber seed=0,1,2",
+                 "lab report runs/outliers --by loss.name", "tensorboard --logdir runs", "exit codes:"):
+        assert text in res.stdout
+    # Every preset the help names exists.
+    for word in res.stdout.split():
+        if word.startswith("configs/"):
+            assert (ROOT / word).exists(), word
+
+
+# ---------------------------------------------------------------------------------------------
+# In process: the table of bad inputs (same code path as the script), sweeps that fail or diverge.
+
+BAD_INPUTS = [
+    (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
+    (["optim.lr=nan"], "optim.lr: must be a finite number"),
+    (["optim.lr=inf"], "optim.lr: must be a finite number"),
+    (["optim.lr=-0.1"], "optim.lr must be > 0"),
+    (["loss.name=huber", "loss.delta=0"], "huber: delta must be > 0"),
+    (["loss.name=quantile", "loss.tau=1.5"], "tau must be in (0, 1)"),
+    (["data.outlier_fraction=1"], "outlier_fraction=1.0 is not allowed"),
+    (["train.steps=0"], "train.steps must be > 0"),
+    (["data.n=1"], "n=1 is not allowed"),
+    (["loss.delta=0.5"], "loss.delta = 0.5 is not a parameter of loss 'mse'"),
+    (["name=a/b"], "name: use letters"),
+    (["--name", "a/b"], "run name must be a plain name"),
+    (["--name", ".."], "run name must be a plain name"),
+    (["seed"], "not of the form key=value"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["loss.name=mse,mae"], "several values; lab run trains one config"),
+    (["--runs-dir", "{tiny}/sub"], "is not a directory"),  # below a file
+]
+
+
+@pytest.mark.parametrize("words,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(words, message, tiny, tmp_path, capsys):
+    words = [w.format(tiny=tiny) for w in words]
+    rc, _, err = run_in_process(capsys, "run", tiny, "--runs-dir", tmp_path / "runs", *words)
+    assert rc == 2
+    assert message in one_error_line(err)
+    assert not (tmp_path / "runs").exists()  # nothing written before the input was checked
+
+
+def test_a_bad_value_in_a_sweep_exits_2_before_training(tiny, tmp_path, capsys):
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "loss.name=mse,maae", "--runs-dir", tmp_path / "runs")
+    assert rc == 2 and "did you mean 'mae'?" in one_error_line(err)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_exits_2(tiny, tmp_path, capsys):
+    rc, _, err = run_in_process(capsys, "run", tiny, "device=cuda", "--runs-dir", tmp_path)
+    assert rc == 2 and "no CUDA GPU" in one_error_line(err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_runs_dir_exits_2(tiny, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    rc, _, err = run_in_process(capsys, "run", tiny, "--runs-dir", locked / "runs")
+    assert rc == 2 and "not writable" in one_error_line(err)
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, capsys, monkeypatch):
+    from lab import study
+
+    real_make = study.data.make
+
+    def make(kind, seed=0, **kw):  # the seed-1 dataset cannot be drawn
+        if seed == 1:
+            raise RuntimeError("disk on fire")
+        return real_make(kind, seed=seed, **kw)
+
+    monkeypatch.setattr(study.data, "make", make)
+    rc, out, _ = run_in_process(capsys, "sweep", tiny, "seed=0,1,2", "--runs-dir", tmp_path)
+    assert rc == 1  # a run failed
+    status = {d.name: rundir.read_summary(d)["status"] for d in (tmp_path / "tiny").iterdir() if d.is_dir()}
+    assert status == {"outliers-mse-s0": "completed", "outliers-mse-s1": "failed", "outliers-mse-s2": "completed"}
+    assert "disk on fire" in rundir.read_summary(tmp_path / "tiny" / "outliers-mse-s1")["error"]
+    assert out.splitlines()[-1].endswith("2 completed, 1 failed")
+
+
+def test_a_diverging_run_is_recorded_and_the_sweep_succeeds(tiny, tmp_path, capsys):
+    # For a line on x ~ U(-2, 2) the largest curvature of MSE is 2 E[x^2] = 8/3, so SGD diverges
+    # for lr > 0.75 (configs/diverge.toml) and converges below.
+    rc, _, _ = run_in_process(capsys, "sweep", tiny, "data.kind=clean", "optim.lr=0.1,1.5", "train.steps=200",
+                                "--runs-dir", tmp_path)
+    assert rc == 0
+    sweep_dir = tmp_path / "tiny"
+    assert rundir.read_summary(sweep_dir / "clean-mse-lr0.1-s0")["status"] == "completed"
+    diverged = rundir.read_summary(sweep_dir / "clean-mse-lr1.5-s0")
+    assert diverged["status"] == "diverged" and 0 < diverged["diverged_step"] < 200
+
+
+def test_a_new_sweep_never_writes_into_an_old_one(tiny, tmp_path, capsys):
+    for _ in range(2):
+        assert run_in_process(capsys, "sweep", tiny, "seed=0,1", "--runs-dir", tmp_path / "runs")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny", "tiny-2"]
+    assert len(rundir.find_runs(tmp_path / "runs" / "tiny-2")) == 2
+
+
+def test_resume_retrains_only_unfinished_runs(tiny, tmp_path, capsys):
+    words = ["sweep", tiny, "seed=0,1,2", "--runs-dir", tmp_path]
+    assert run_in_process(capsys, *words)[0] == 0
+    sweep_dir = tmp_path / "tiny"
+    (sweep_dir / "outliers-mse-s1" / "summary.json").unlink()  # as if killed before the end
+    kept = (sweep_dir / "outliers-mse-s0" / "summary.json").read_text()
+    rc, out, err = run_in_process(capsys, *words, "--resume")
+    assert rc == 0
+    assert "resume: 2 of 3 runs already completed" in err
+    assert out.splitlines()[-1] == f"{sweep_dir}: 3 runs; trained now: 1 completed"
+    assert rundir.read_summary(sweep_dir / "outliers-mse-s1")["status"] == "completed"
+    assert len(list((sweep_dir / "outliers-mse-s1").glob("events.out.tfevents.*"))) == 1  # the old one removed
+    assert (sweep_dir / "outliers-mse-s0" / "summary.json").read_text() == kept
+
+
+def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
+    assert run_in_process(capsys, "sweep", tiny, "seed=0,1", "--runs-dir", tmp_path)[0] == 0
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "seed=0,1", "train.steps=30", "--runs-dir", tmp_path,
+                                "--resume")
+    assert rc == 2 and "was trained with train.steps = 20, the config now says 30" in one_error_line(err)
+
+
+def test_sweep_values_from_the_file_and_list_values_on_the_command_line(tiny, tmp_path, capsys):
+    tiny.write_text(TINY + '[sweep]\n"loss.name" = ["mse", "quantile"]\n')
+    rc, _, _ = run_in_process(capsys, "sweep", tiny, "loss.tau=[0.1,0.9]", "--runs-dir", tmp_path)
+    assert rc == 0  # tau applies to the quantile run only: one list value, two model outputs
+    s = rundir.read_summary(tmp_path / "tiny" / "outliers-quantile-s0")
+    assert s["config"]["loss.tau"] == [0.1, 0.9] and set(s["params"]) == {"slope_0", "intercept_0", "slope_1",
+                                                                          "intercept_1"}
+    assert "loss.tau" not in rundir.read_summary(tmp_path / "tiny" / "outliers-mse-s0")["config"]
+
+
+@pytest.mark.parametrize("text,values", [
+    ("mse,mae", ["mse", "mae"]),
+    ("[32],[64,64]", ["[32]", "[64,64]"]),
+    ("[0.1,0.9]", ["[0.1,0.9]"]),
+    ('"a,b",c', ['"a,b"', "c"]),
+])
+def test_split_values_respects_brackets_and_quotes(text, values):
+    assert cli.split_values(text) == values
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    class FakeRun:
+        name, dir, summary = "clean-mse-s0", Path("runs/x/clean-mse-s0"), {"status": "completed"}
+
+    bar, lines = cli._Progress(2, Tty()), cli._Progress(2, io.StringIO())
+    for p in (bar, lines):
+        p.done(FakeRun())
+        p.done(FakeRun())
+        p.close()
+    assert bar.stream.getvalue().count("\r[") == 2 and bar.stream.getvalue().count("\n") == 1
+    assert lines.stream.getvalue().splitlines()[1].startswith("[2/2] runs/x/clean-mse-s0  completed")
+
+
+def test_config_command_lists_keys_and_resolves_a_file(capsys):
+    rc, out, _ = run_in_process(capsys, "config")
+    assert rc == 0 and all(f"  {k} " in out for k in config.keys())  # noqa: SIM118 — config.keys() is a function
+    rc, out, _ = run_in_process(capsys, "config", ROOT / "configs" / "huber.toml", "loss.delta=0.25")
+    assert rc == 0 and 'name = "huber"\ndelta = 0.25' in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: each trains (20 steps) and says what it shows.
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_runs(preset, tmp_path, capsys):
+    assert preset.read_text().startswith("# "), "a preset starts with a comment saying what it shows"
+    command = "sweep" if "[sweep]" in preset.read_text() else "run"
+    # diverge.toml keeps its steps: the parameters grow by |1 - lr * 8/3| = 5/3 a step, so float32
+    # overflows after ~100 steps, not 20.
+    steps = [] if preset.stem == "diverge" else ["train.steps=20"]
+    rc, _, err = run_in_process(capsys, command, preset, *steps, "train.figures=false", "device=cpu",
+                                  "--runs-dir", tmp_path)
+    summaries = [rundir.read_summary(d) for d in rundir.find_runs(tmp_path)]
+    if preset.stem == "diverge":  # divergence is the point
+        assert rc == 3 and summaries[0]["status"] == "diverged"
+        return
+    assert rc == 0, err
+    assert summaries and all(s["status"] == "completed" for s in summaries)
+
+
+def test_presets_cover_every_dataset_kind_and_loss_family():
+    from lab import data
+
+    loaded = [config.load(p)[0] for p in PRESETS if "[sweep]" not in p.read_text()]
+    assert {c.data.kind for c in loaded} == set(data.available())
+    families = {"mse", "mae", "huber", "log_cosh", "quantile"}
+    assert families <= {c.loss.name for c in loaded}
+    assert {c.loss.name for c in loaded} & {"cauchy", "tukey", "general"}

@@ -1,0 +1,209 @@
+"""Configs: every key documented, TOML and overrides typed by field, one-line errors, sweep grids."""
+
+import math
+from dataclasses import fields
+
+import pytest
+import tomli_w
+
+from lab import config, study
+from lab.config import ConfigError
+
+
+def write(tmp_path, text, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation: every key has a default and a one-line docstring, and `describe` lists them all.
+
+
+def test_every_key_has_a_default_and_a_one_line_docstring():
+    keys = config.keys()
+    # 4 top-level fields plus every field of the 5 sections, counted from the dataclasses themselves.
+    expected = 4 + sum(len(fields(cls)) for cls in config.SECTIONS.values())
+    assert len(keys) == expected
+    for key, (_, _, doc) in keys.items():
+        assert doc and "\n" not in doc, key
+
+
+def test_describe_lists_every_key_with_its_default():
+    text = config.describe().splitlines()
+    assert len(text) == len(config.keys())
+    line = next(t for t in text if t.split()[0] == "train.steps")
+    assert line.split()[1] == "1000"  # TrainConfig.steps default
+    line = next(t for t in text if t.split()[0] == "loss.delta")
+    assert line.split()[1] == "-"  # None: the loss's own default
+
+
+# ---------------------------------------------------------------------------------------------
+# Typing: TOML values and command-line words are typed by the field.
+
+
+def test_overrides_are_typed_by_the_field():
+    cfg, sweep = config.load(None, ["loss.name=huber", "loss.delta=0.5", "train.steps=500", "model.hidden=[64,64]",
+                                    "data.kind=outliers", "data.leverage=true", "optim.lr=1", "train.log_every=1e1"])
+    assert sweep == {}
+    assert cfg.loss.delta == 0.5 and isinstance(cfg.loss.delta, float)
+    assert cfg.train.steps == 500 and isinstance(cfg.train.steps, int)
+    assert cfg.model.hidden == (64, 64)
+    assert cfg.data.leverage is True
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.log_every == 10  # 1e1 is a whole number, so a valid count
+
+
+def test_tau_takes_a_number_or_a_list():
+    assert config.from_flat({"loss.name": "quantile", "loss.tau": "0.9"}).loss.tau == 0.9
+    cfg = config.from_flat({"loss.name": "quantile", "loss.tau": "[0.1, 0.5, 0.9]"})
+    assert cfg.loss.tau == (0.1, 0.5, 0.9)
+    assert config.n_outputs(cfg) == 3
+
+
+def test_a_toml_file_round_trips_through_the_saved_config(tmp_path):
+    cfg, _ = config.load(write(tmp_path, '[loss]\nname = "quantile"\ntau = [0.2, 0.8]\n[model]\nhidden = [8]\n'))
+    saved = write(tmp_path, tomli_w.dumps(config.to_dict(cfg)), "saved.toml")
+    again, _ = config.load(saved)
+    assert again == cfg
+
+
+def test_aliases_become_the_registry_name():
+    assert config.from_flat({"loss.name": "l1"}).loss.name == "mae"
+    assert config.from_flat({"loss.name": "pinball", "loss.tau": 0.3}).loss.name == "quantile"
+
+
+def test_minus_infinity_is_allowed_only_for_barrons_alpha():
+    assert config.from_flat({"loss.name": "general", "loss.alpha": "-inf"}).loss.alpha == -math.inf
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        config.from_flat({"loss.name": "general", "loss.scale": "-inf"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one line each, naming the key and the problem.
+
+BAD = [
+    ({"loss.detla": 0.5}, "unknown key 'loss.detla'; did you mean 'loss.delta'?"),
+    ({"trian.steps": 5}, "did you mean 'train.steps'?"),
+    ({"train.steps": "abc"}, "train.steps: expected an integer, got 'abc'"),
+    ({"train.steps": 1.5}, "train.steps: expected an integer"),
+    ({"loss.name": 3}, "loss.name: expected a string"),
+    ({"data.leverage": "yes"}, "expected true or false"),
+    ({"optim.lr": "nan"}, "optim.lr: must be a finite number"),
+    ({"optim.lr": "inf"}, "optim.lr: must be a finite number"),
+    ({"optim.lr": -1}, "optim.lr must be > 0"),
+    ({"loss.name": "huber", "loss.delta": 0}, "huber: delta must be > 0"),
+    ({"loss.name": "huber", "loss.delta": -1}, "huber: delta must be > 0"),
+    ({"loss.name": "quantile", "loss.tau": 1.5}, "tau must be in (0, 1)"),
+    ({"loss.name": "quantile", "loss.tau": [0.1, 1.0]}, "tau must be in (0, 1)"),
+    ({"data.kind": "outliers", "data.outlier_fraction": 1.0}, "outlier_fraction=1.0 is not allowed"),
+    ({"data.kind": "outliers", "data.outlier_fraction": -0.1}, "outlier_fraction=-0.1 is not allowed"),
+    ({"train.steps": 0}, "train.steps must be > 0"),
+    ({"train.steps": -3}, "train.steps must be > 0"),
+    ({"data.n": 1}, "n=1 is not allowed"),
+    ({"loss.delta": 0.5}, "loss.delta = 0.5 is not a parameter of loss 'mse'"),
+    ({"loss.name": "mae", "loss.tau": 0.5}, "is taken by quantile, expectile"),
+    ({"data.outlier_fraction": 0.2}, "data.outlier_fraction = 0.2 is not a parameter of data kind 'clean'"),
+    ({"loss.name": "maee"}, "not a loss; did you mean 'mae'?"),
+    ({"data.kind": "outlier"}, "did you mean 'outliers'?"),
+    ({"model.hidden": "[64,x]"}, "model.hidden: expected a TOML list"),
+    ({"optim.momentum": 1.0}, "optim.momentum must be in [0, 1)"),
+    ({"name": "a/b"}, "name: use letters"),
+    ({"name": ".."}, "name: use letters"),
+    ({"dtype": "float16"}, "dtype: must be one of float32, float64"),
+    ({"data": 3}, "'data' is a section"),
+    ({"train.batch_size": 500}, "larger than data.n"),
+]
+
+
+@pytest.mark.parametrize("values,message", BAD, ids=[m for _, m in BAD])
+def test_bad_values_give_one_line_naming_the_problem(values, message):
+    with pytest.raises(ConfigError) as err:
+        config.from_flat(values)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_toml_names_file_line_and_column(tmp_path):
+    # Line 3 is `delta = ` with the value missing: tomllib reports the column after "delta = ".
+    path = write(tmp_path, '[loss]\nname = "huber"\ndelta = \n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: invalid TOML")
+    assert "line 3, column 9" in str(err.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path)
+
+
+def test_file_errors_and_override_errors_are_the_same(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'loss.delta'"):
+        config.load(write(tmp_path, "[loss]\ndelat = 1.0\n"))
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        config.load(None, ["seed"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: the [sweep] table, typed values, and loss/data parameters in a loss/data sweep.
+
+
+def test_sweep_table_is_typed_and_overrides_take_keys_out_of_it(tmp_path):
+    path = write(tmp_path, '[sweep]\n"loss.name" = ["mse", "mae"]\nseed = [0, 1, 2]\n"model.hidden" = [[8], [4, 4]]\n')
+    _, sweep = config.load(path)
+    assert sweep == {"loss.name": ["mse", "mae"], "seed": [0, 1, 2], "model.hidden": [(8,), (4, 4)]}
+    _, sweep = config.load(path, ["seed=5"])
+    assert "seed" not in sweep
+    with pytest.raises(ConfigError, match="did you mean 'loss.name'"):
+        config.load(write(tmp_path, '[sweep]\n"loss.nme" = ["mse"]\n', "b.toml"))
+    with pytest.raises(ConfigError, match="seed: expected an integer"):
+        config.load(write(tmp_path, '[sweep]\nseed = ["a"]\n', "c.toml"))
+    with pytest.raises(ConfigError, match="'seed' has no values"):
+        config.load(write(tmp_path, "[sweep]\nseed = []\n", "d.toml"))
+
+
+def test_a_loss_parameter_applies_to_the_swept_losses_that_take_it():
+    base, sweep = config.load(None, ["loss.delta=0.5"], sweep={"loss.name": ["mse", "huber", "pseudo_huber"]})
+    grid = study.expand(base, sweep)
+    assert [(c.loss.name, c.loss.delta) for c, _ in grid] == [("mse", None), ("huber", 0.5), ("pseudo_huber", 0.5)]
+
+
+def test_a_loss_parameter_no_swept_loss_takes_is_an_error():
+    base, sweep = config.load(None, ["loss.delta=0.5"], sweep={"loss.name": ["mse", "mae"]})
+    with pytest.raises(ConfigError, match=r"loss.delta = 0.5 is taken by none of the swept loss.name values \(mse, mae\)"):
+        study.expand(base, sweep)
+
+
+def test_a_swept_loss_parameter_must_apply_to_every_run():
+    base, sweep = config.load(None, [], sweep={"loss.name": ["mse", "huber"], "loss.delta": [0.5, 1.0]})
+    with pytest.raises(ConfigError, match="loss.delta is swept but loss.name = 'mse' does not take it"):
+        study.expand(base, sweep)
+
+
+def test_a_data_parameter_applies_to_the_swept_kinds_that_take_it():
+    base, sweep = config.load(None, ["data.outlier_fraction=0.3"], sweep={"data.kind": ["clean", "outliers"]})
+    grid = study.expand(base, sweep)
+    assert [(c.data.kind, c.data.outlier_fraction) for c, _ in grid] == [("clean", None), ("outliers", 0.3)]
+
+
+def test_a_bad_value_in_a_grid_point_is_found_before_training():
+    base, sweep = config.load(None, [], sweep={"optim.lr": [0.1, -1.0]})
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        study.expand(base, sweep)
+
+
+def test_run_names_say_what_differs_and_never_repeat():
+    base, sweep = config.load(None, ["data.kind=outliers"], sweep={"loss.name": ["mse", "l1"], "optim.lr": [0.1, 1e-3],
+                                                                  "seed": [0, 1]})
+    names = [r.name for r in study.sweep_runs(base, sweep)]
+    assert names[:4] == ["outliers-mse-lr0.1-s0", "outliers-mse-lr0.1-s1", "outliers-mse-lr0.001-s0",
+                         "outliers-mse-lr0.001-s1"]
+    assert "outliers-mae-lr0.1-s0" in names  # the alias l1 is named by its registry name
+    assert len(set(names)) == 8
+    # Values that print alike would share a name; the later ones get -2, -3 (grid order).
+    base, sweep = config.load(None, [], sweep={"optim.lr": [0.1, 0.1000001]})
+    names = [r.name for r in study.sweep_runs(base, sweep)]
+    assert names == ["clean-mse-lr0.1-s0", "clean-mse-lr0.1-s0-2"]

@@ -1,0 +1,112 @@
+"""`lab report`: rows, aggregates and broken runs, from hand-written summaries with known numbers."""
+
+import argparse
+import csv
+import io
+import json
+
+import pytest
+
+from lab import config, report
+
+
+def make_run(root, name, loss, seed, loss_train, slope, steps_to_converge=10, status="completed", **extra_config):
+    """A run directory as lab.study writes it, with chosen numbers (only the fields report reads)."""
+    d = root / name
+    d.mkdir(parents=True)
+    flat = config.to_flat(config.from_flat({"loss.name": loss, "seed": seed, **extra_config}))
+    summary = {"status": status, "name": name, "swept": {"loss.name": loss, "seed": seed}, "config": flat,
+               "final": {"loss/train": loss_train, "convergence/gap": 0.0, "loss/val_mse": 0.5,
+                         "oscillation/flip_rate": 0.25, "grad/outlier_share": 0.1},
+               "params": {"slope": slope, "intercept": 1.0}, "steps_to_converge": steps_to_converge}
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "config.toml").write_text("")
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sw"
+    # mse: losses 1, 2, 3 over seeds (mean 2, sample std 1); mae: 4, 6 (mean 5, std sqrt(2)).
+    make_run(root, "clean-mse-s0", "mse", 0, 1.0, 2.0, 10)
+    make_run(root, "clean-mse-s1", "mse", 1, 2.0, 2.5, 20)
+    make_run(root, "clean-mse-s2", "mse", 2, 3.0, 3.0, 30)
+    make_run(root, "clean-mae-s0", "mae", 0, 4.0, 1.0, None)
+    make_run(root, "clean-mae-s1", "mae", 1, 6.0, 3.0, 40)
+    return root
+
+
+def args(d, **kw):
+    return argparse.Namespace(dir=str(d), by=kw.get("by"), csv=kw.get("csv"), markdown=kw.get("markdown"))
+
+
+def test_one_row_per_run_with_swept_keys_metrics_and_params(sweep):
+    t = report.table(report.load_runs(sweep))
+    assert t.header[:4] == ["run", "loss.name", "seed", "status"]
+    assert [r[0] for r in t.rows] == ["clean-mae-s0", "clean-mae-s1", "clean-mse-s0", "clean-mse-s1", "clean-mse-s2"]
+    row = dict(zip(t.header, t.rows[3]))
+    assert row["loss.name"] == "mse" and row["seed"] == 1 and row["status"] == "completed"
+    assert row["loss"] == 2.0 and row["slope"] == 2.5 and row["conv_step"] == 20
+    assert dict(zip(t.header, t.rows[0]))["conv_step"] is None  # never converged
+
+
+def test_by_aggregates_mean_and_sample_std_over_the_other_keys(sweep):
+    t = report.aggregate(report.load_runs(sweep), ["loss.name"])
+    rows = {r[0]: dict(zip(t.header, r)) for r in t.rows}
+    assert rows["mse"]["runs"] == 3 and rows["mse"]["status"] == "3 completed"
+    assert rows["mse"]["loss"].mean == pytest.approx(2.0) and rows["mse"]["loss"].std == pytest.approx(1.0)
+    assert rows["mae"]["loss"].mean == pytest.approx(5.0) and rows["mae"]["loss"].std == pytest.approx(2**0.5)
+    assert rows["mse"]["slope"].mean == pytest.approx(2.5) and rows["mse"]["slope"].std == pytest.approx(0.5)
+    # steps to converge average over the runs that converged; the count says how many did.
+    assert rows["mae"]["conv_step"].mean == 40 and rows["mae"]["conv_step"].n == 1
+    assert rows["mae"]["converged"] == "1/2" and rows["mse"]["converged"] == "3/3"
+    assert str(rows["mse"]["loss"]) == "2 ± 1"
+
+
+def test_text_csv_and_markdown_outputs(sweep, tmp_path, capsys):
+    assert report.main(args(sweep, by="loss.name", csv=tmp_path / "t.csv", markdown=tmp_path / "t.md")) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].split()[:3] == ["loss.name", "runs", "status"]
+    assert text[2].split()[:5] == ["mae", "2", "2", "completed", "5"]  # "5 ± 1.4"
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    mse = next(r for r in rows if r["loss.name"] == "mse")
+    assert float(mse["loss_mean"]) == 2.0 and float(mse["loss_std"]) == 1.0
+    md = (tmp_path / "t.md").read_text().splitlines()
+    assert md[0].startswith("| loss.name | runs | status |") and len(md) == 4
+
+
+def test_a_broken_run_is_listed_not_skipped(sweep, capsys):
+    (sweep / "clean-mse-s3").mkdir()
+    (sweep / "clean-mse-s3" / "config.toml").write_text('seed = 3\n[loss]\nname = "mse"\n')  # killed mid-run
+    (sweep / "half").mkdir()
+    (sweep / "half" / "summary.json").write_text('{"status": "compl')  # half-written
+    assert report.main(args(sweep)) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "broken" in lines["clean-mse-s3"] and "summary.json missing" in lines["clean-mse-s3"]
+    assert "broken" in lines["half"] and "unreadable" in lines["half"]
+    # The broken run's config.toml still gives its keys, so it lands in its group.
+    t = report.aggregate(report.load_runs(sweep), ["loss.name"])
+    mse = next(dict(zip(t.header, r)) for r in t.rows if r[0] == "mse")
+    assert mse["status"] == "3 completed, 1 broken" and mse["loss"].n == 3
+
+
+def test_keys_that_differ_are_columns_even_when_not_swept(tmp_path):
+    make_run(tmp_path, "a", "huber", 0, 1.0, 2.0, **{"loss.delta": 0.5})
+    make_run(tmp_path, "b", "huber", 0, 1.0, 2.0, **{"loss.delta": 2.0})
+    t = report.table(report.load_runs(tmp_path))
+    assert "loss.delta" in t.header and "optim.lr" not in t.header
+
+
+def test_bad_report_requests(sweep, tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'loss.nme'; did you mean 'loss.name'"):
+        report.main(args(sweep, by="loss.nme"))
+    with pytest.raises(ValueError, match="no runs below"):
+        report.main(args(_empty(tmp_path)))
+    with pytest.raises(ValueError, match="is not a directory"):
+        report.main(args(tmp_path / "missing"))
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d

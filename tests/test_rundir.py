@@ -1,0 +1,102 @@
+"""Run directories: atomic creation and writes, broken runs read as broken, names that stay inside."""
+
+import json
+import os
+import threading
+
+import pytest
+
+from lab import rundir
+
+
+def test_create_never_reuses_a_directory(tmp_path):
+    made = [rundir.create(tmp_path, "clean-mse-s0") for _ in range(3)]
+    assert [p.name for p in made] == ["clean-mse-s0", "clean-mse-s0-2", "clean-mse-s0-3"]
+    assert all(p.is_dir() for p in made)
+
+
+def test_concurrent_creators_get_distinct_directories(tmp_path):
+    # 8 threads racing for the same name: mkdir is atomic, so every one gets its own directory.
+    out, barrier = [], threading.Barrier(8)
+
+    def worker():
+        barrier.wait()
+        out.append(rundir.create(tmp_path, "race"))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(out)) == 8
+    assert sorted(p.name for p in out) == sorted(["race"] + [f"race-{i}" for i in range(2, 9)])
+
+
+@pytest.mark.parametrize("bad", ["a/b", "..", ".", "", ".hidden", "x\\y"])
+def test_names_that_escape_are_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="plain name"):
+        rundir.create(tmp_path, bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_leaves_no_temporary_and_replaces_whole(tmp_path):
+    p = tmp_path / "summary.json"
+    rundir.write_summary(tmp_path, {"status": "completed", "x": float("nan"), "y": [1.0, float("inf")]})
+    rundir.write_summary(tmp_path, {"status": "diverged", "final": {"loss": 2.5}})
+    assert json.loads(p.read_text()) == {"status": "diverged", "final": {"loss": 2.5}}
+    assert [f.name for f in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_write_atomic_failure_keeps_the_old_file(tmp_path):
+    rundir.write_summary(tmp_path, {"status": "completed"})
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        rundir.write_summary(tmp_path, {"status": "x", "bad": Boom()})  # not JSON-serialisable
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "completed"}
+    assert [f.name for f in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_nan_is_written_as_null(tmp_path):
+    rundir.write_summary(tmp_path, {"status": "completed", "gap": float("nan")})
+    assert json.loads((tmp_path / "summary.json").read_text())["gap"] is None
+
+
+@pytest.mark.parametrize("content,error", [(None, "missing"), ('{"status": "compl', "unreadable"),
+                                           ("[1, 2]", "unreadable"), ('{"final": {}}', "unreadable")])
+def test_broken_summaries_read_as_broken(tmp_path, content, error):
+    if content is not None:
+        (tmp_path / "summary.json").write_text(content)
+    s = rundir.read_summary(tmp_path)
+    assert s["status"] == "broken" and error in s["error"]
+
+
+def test_find_runs_lists_half_written_runs(tmp_path):
+    a = rundir.create(tmp_path / "sweep", "a")
+    rundir.write_config(a, {"name": "a", "loss": {"name": "mse"}})
+    b = rundir.create(tmp_path / "sweep", "b")
+    rundir.write_summary(b, {"status": "completed"})
+    (tmp_path / "sweep" / "not-a-run").mkdir()
+    assert rundir.find_runs(tmp_path) == [a, b]
+    assert rundir.read_summary(a)["status"] == "broken"
+    assert (a / "config.toml").read_text().startswith('name = "a"')
+
+
+def test_unwritable_directory_is_detected(tmp_path):
+    # /proc refuses new directories even to root (CI runs as root, where chmod 500 would not stop it).
+    with pytest.raises(ValueError, match="not writable"):
+        rundir.check_writable("/proc/lab-runs")
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(ValueError, match="not writable"):
+            rundir.check_writable(ro / "runs")
+
+
+def test_file_in_the_way_is_detected(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        rundir.check_writable(tmp_path / "file" / "runs")
