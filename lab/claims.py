@@ -1,10 +1,10 @@
 """`lab claims`: every claim of the guide, measured on real training runs; one table, a report, figures.
 
-    experiments/*.toml -> Study (lab.claim_studies: a config grid + its [claim]) -> runs, all trained in one
-    lab.study.execute call (so studies that share a population train together) -> Measurement
-    (lab.claim_measures, lab.claim_training) -> checks against the study's thresholds -> verdict ->
-    table on stdout, DIR/report.md, DIR/claims.json, DIR/figures/*.png and the same images in
-    TensorBoard (lab.claim_report).
+    experiments/*.toml -> Study (lab.claim_studies: a config grid + its [claim]) -> runs, all trained in
+    one lab.study.execute call (so studies that share a population train together) -> Measurement
+    (lab.claim_measures, lab.claim_training, lab.claim_comparison) -> checks against the study's
+    thresholds -> verdict -> table on stdout, DIR/report.md, DIR/table.md, DIR/claims.json,
+    DIR/figures/*.png and the same images in TensorBoard (lab.claim_report).
 
 Verdicts come only from the measurements and the thresholds in the study files (see lab.claim_studies).
 """
@@ -143,11 +143,11 @@ def _prepare_out(out: Path) -> Path:
             raise ConfigError(f"--out {out} is not empty and was not written by `lab claims`; choose a new folder")
         for name in ("runs", "figures"):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("report.md", "claims.json"):
+        for name in ("report.md", "claims.json", "table.md"):
             (out / name).unlink(missing_ok=True)
     rundir.check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `lab claims`; the next run clears runs/, figures/, report.md, claims.json\n")
+    (out / MARKER).write_text("written by `lab claims`; the next run clears runs/, figures/ and the reports\n")
     return out
 
 

@@ -309,7 +309,8 @@ def _config_markdown(cfg: Config) -> str:
 def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer, error=None, trace=None) -> None:
     """Write summary.json (atomically), the hparams record, and close the event file."""
     flat = config_mod.to_flat(run.config)
-    summary = {"status": status, "name": run.name, "swept": run.swept, "config": flat}
+    summary = {"status": status, "name": run.name, "swept": run.swept, "config": flat,
+               "resolved": _resolved(run.config)}
     if res is not None:
         summary.update(steps=res.steps, params=res.params, reference=res.reference, final=res.final,
                        steps_to_converge=res.steps_to_converge, diverged_step=res.diverged_step,
@@ -329,6 +330,16 @@ def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer,
         writer.close()
     rundir.write_summary(run.dir, summary)
     run.summary = summary
+
+
+def _resolved(cfg: Config) -> dict:
+    """Loss and dataset parameters with the defaults the user did not set (e.g. huber's delta = 1.0)."""
+    try:
+        loss = {k: list(v) if isinstance(v, tuple) else v for k, v in config_mod.loss_params(cfg).items()}
+        params = data.check(cfg.data.kind, **config_mod.data_params(cfg.data))
+        return {"loss": loss, "data": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}
+    except ValueError:
+        return {}
 
 
 def _hparam_value(v):

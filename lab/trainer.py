@@ -44,6 +44,9 @@ STATUSES = ("completed", "diverged", "interrupted", "failed")
 # Parameter histories (flip rate, parameter amplitude) are kept for models this small; bigger models
 # keep a per-step flip-rate history instead and log no parameter amplitude (NaN).
 _TRACK_PARAMS = 64
+# Losses whose |psi(e)| is a non-decreasing function of |e|: their largest per-sample gradients sit at
+# their largest residuals, so the log row ranks residuals once for both p99 |e| and the top-1% share.
+_BY_ABS_RESID = frozenset({"mse", "rmse", "mae", "huber", "smooth_l1", "log_cosh", "pseudo_huber"})
 
 
 @dataclass
@@ -147,6 +150,7 @@ class _Population:
     x_val: torch.Tensor  # [N, n_val, 1]
     signal_val: torch.Tensor  # [N, n_val]
     outlier: torch.Tensor  # [N, n] bool
+    outlier_f: torch.Tensor  # [N, n] the same as 0/1 in the training dtype
     mu: torch.Tensor  # [N, 1]
     sd: torch.Tensor  # [N, 1]
     any_norm: bool
@@ -156,6 +160,7 @@ class _Population:
     true_params: torch.Tensor  # [N, K]
     k: int
     shapes: _Flat
+    by_abs_resid: list  # per loss group: |psi| is a non-decreasing function of |e| (symmetric, monotone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predictions [N, b, k] for x [N, b, 1]."""
@@ -392,9 +397,9 @@ def _setup(cfgs, datasets, device, dtype):
                                for i, (r, c) in enumerate(zip(refs, cfgs))], dtype=dtype, device=device)
     true_params = torch.tensor([[_true(d, p) for p in named_keys] for d in datasets], dtype=dtype, device=device)
     pop = _Population(model=model, named=shapes.named(P), groups=groups, x=x, y3=y[..., None], y_orig=y_orig,
-                      x_val=x_val, signal_val=signal_val, outlier=outlier, mu=mu, sd=sd, any_norm=any_norm,
+                      x_val=x_val, signal_val=signal_val, outlier=outlier, outlier_f=outlier.to(dtype), mu=mu, sd=sd, any_norm=any_norm,
                       root=root, ref_loss=ref_loss, ref_params=ref_params, true_params=true_params, k=k,
-                      shapes=shapes)
+                      shapes=shapes, by_abs_resid=[spec.name in _BY_ABS_RESID and k == 1 for _, spec, _ in groups])
     return pop, P, refs, tol, named_keys, shapes
 
 
@@ -507,7 +512,7 @@ def _log_row(pop: _Population, pred, loss, chain, psis, P, grads, gnorm, gap, lr
 
     pred [N, n, k] and psis are full-batch, in training units; loss, gap [N] as logged.
     """
-    step, N = h.step, P.shape[0]
+    step, N, n = h.step, P.shape[0], pred.shape[1]
     psi = torch.cat(psis) if len(psis) > 1 else psis[0]  # [N, n, k]
     per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
     if pop.any_norm:
@@ -520,28 +525,41 @@ def _log_row(pop: _Population, pred, loss, chain, psis, P, grads, gnorm, gap, lr
         resid = e.mean(-1) if pop.k > 1 else e[..., 0]
         train_loss = loss
         cover = metrics.coverage_of_residuals(e[..., 0])
-    val_pred = pop.forward(pop.x_val).mean(-1)  # [N, n_val]
+    # p99 |resid| and the top-1% gradient share from one topk: where |psi| grows with |e| (pop.by_abs_resid),
+    # the largest |psi| sit at the largest |e|, so they are gathered there instead of ranked again.
+    below = metrics.quantile_rank(n, 0.99)[0]
+    top_count = metrics.top_count(n, 0.01)
+    top_resid, where = metrics.largest(resid.abs(), max(n - below, top_count))
+    p99 = metrics.quantile_from_top(top_resid, n, 0.99)
+    if all(pop.by_abs_resid):
+        top_psi = per_sample.gather(1, where[:, :top_count])
+    else:
+        top_psi = torch.cat([per_sample[sl].gather(1, where[sl, :top_count]) if ranked else
+                             metrics.largest(per_sample[sl], top_count)[0]
+                             for (sl, _, _), ranked in zip(pop.groups, pop.by_abs_resid)])
+    total = per_sample.sum(-1)
+    top = metrics.share_of_top(top_psi, total)
+    outlier_share = torch.linalg.vecdot(per_sample, pop.outlier_f) / total.clamp_min(torch.finfo(P.dtype).tiny)
+    if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
+        has_grad = (chain != 0).to(P.dtype)
+        outlier_share, top = outlier_share * has_grad, top * has_grad
+    val_pred = pop.forward(pop.x_val)
+    val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
     if pop.any_norm:
         val_pred = val_pred * pop.sd + pop.mu
     val_err = val_pred - pop.signal_val
     named_now = _named_now(P, pop)
-    filled = min(step + 1, h.window)
-    loss_window = h.loss_ring[:filled]  # the rows of the last `window` steps, in ring order
+    loss_window = h.loss_ring[:min(step + 1, h.window)]  # the rows of the last `window` steps, in ring order
     if h.param_ring is not None:
         flip = metrics.flip_rate(h.params(h.window + 2), min(step, h.window))
         amplitude = metrics.param_amplitude(h.params(h.window))
     else:
         flip = h.flip_ring.sum(0) / max(min(step, h.window), 1)
         amplitude = torch.full((N,), float("nan"), dtype=P.dtype, device=P.device)
-    outlier_share = metrics.share_of(per_sample, pop.outlier)
-    top = metrics.top_share(per_sample, 0.01)
-    if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
-        has_grad = (chain != 0).to(P.dtype)
-        outlier_share, top = outlier_share * has_grad, top * has_grad
     rows = [
         train_loss,
-        (val_err * val_err).mean(-1),
-        val_err.abs().mean(-1),
+        torch.linalg.vecdot(val_err, val_err) / val_err.shape[1],
+        val_err.abs().sum(-1) / val_err.shape[1],
         lr,
         gap,
         torch.linalg.vector_norm(named_now - pop.true_params, dim=-1),
@@ -553,12 +571,12 @@ def _log_row(pop: _Population, pred, loss, chain, psis, P, grads, gnorm, gap, lr
         grads.abs().amax(-1),
         outlier_share,
         top,
-        metrics.abs_quantile(resid, 0.99),
+        p99,
         metrics.excess_kurtosis(resid),
         cover,
+        *named_now.unbind(1),
     ]
-    rows += list(named_now.unbind(1))
-    return torch.stack([r.to(P.dtype) for r in rows])
+    return torch.stack(rows)
 
 
 def _named_now(P, pop: _Population) -> torch.Tensor:
