@@ -292,9 +292,14 @@ def one_line_summary(s: dict) -> str:
 def _sweep(args) -> int:
     from lab import rundir
 
-    cfg, sweep = _load(args, sweep_words=True)
-    from lab import study  # after the config is read, as in _run
-    runs = study.sweep_runs(cfg, sweep)
+    study_file = _claim_study(args.config)
+    if study_file is not None:  # experiments/*.toml: its grid (with [[sweep]] blocks) comes from the study
+        cfg, runs = _study_runs(study_file, args)
+    else:
+        cfg, sweep = _load(args, sweep_words=True)
+        from lab import study  # after the config is read, as in _run
+        runs = study.sweep_runs(cfg, sweep)
+    from lab import study
     runs_dir = Path(args.runs_dir)
     name = args.name or cfg.name
     _check_before_training([r.config for r in runs], runs_dir, [name])
@@ -318,6 +323,27 @@ def _sweep(args) -> int:
     if interrupted:
         return 130
     return 1 if "failed" in counts else 0
+
+
+def _claim_study(path: str) -> Path | None:
+    """The path if it is a claim study (a TOML file with a [claim] table), else None."""
+    from lab import config
+
+    table = config.read_toml(path)
+    return Path(path) if isinstance(table.get("claim"), dict) else None
+
+
+def _study_runs(path: Path, args):
+    """The runs of a claim study's grid, with fixed KEY=VALUE overrides applied to every run."""
+    from lab import claim_studies, config, study
+
+    if any(len(split_values(w.partition("=")[2])) > 1 for w in args.overrides):
+        raise UsageError(f"{path} is a claim study: its sweep is in the file; give single values only")
+    fixed = config.parse_overrides(args.overrides)
+    st = claim_studies.load_study(path)
+    runs = study.name_runs([(config.from_flat({**config.to_flat(cfg), **fixed}), swept) for cfg, swept in st.grid])
+    base = config.from_flat({"name": path.stem})
+    return base, runs
 
 
 def _resume(runs, sweep_dir: Path):

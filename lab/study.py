@@ -129,8 +129,13 @@ def _short(v) -> str:
 def sweep_runs(base: Config | dict, sweep: dict[str, list]) -> list[Run]:
     """The runs of a sweep, named by `run_name`; names that would repeat get -2, -3, ... in grid order,
     so every run has its own directory and `--resume` finds it again by name."""
+    return name_runs(expand(base, sweep))
+
+
+def name_runs(grid: list[tuple[Config, dict]]) -> list[Run]:
+    """Runs for (config, swept values) pairs, named by `run_name`, repeats suffixed -2, -3, ..."""
     runs, seen = [], {}
-    for cfg, swept in expand(base, sweep):
+    for cfg, swept in grid:
         name = run_name(cfg, swept)
         seen[name] = seen.get(name, 0) + 1
         runs.append(Run(config=cfg, name=name if seen[name] == 1 else f"{name}-{seen[name]}", swept=swept))

@@ -333,3 +333,18 @@ def test_presets_cover_every_dataset_kind_and_loss_family():
     families = {"mse", "mae", "huber", "log_cosh", "quantile"}
     assert families <= {c.loss.name for c in loaded}
     assert {c.loss.name for c in loaded} & {"cauchy", "tukey", "general"}
+
+
+def test_a_claim_study_sweeps_its_own_grid(tmp_path, capsys):
+    # experiments/huber_delta.toml has two [[sweep]] blocks (mse/mae x 10 seeds; huber x 8 (delta, lr) pairs x
+    # 10 seeds) and a "loss.delta,optim.lr" key varied together: 20 + 80 runs, each named by what it sweeps.
+    study = Path(__file__).resolve().parents[1] / "experiments" / "huber_delta.toml"
+    code, out, err = run_in_process(capsys, "sweep", str(study), "train.steps=5", "train.figures=false",
+                                    "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    runs = rundir.find_runs(tmp_path / "huber_delta")
+    assert len(runs) == 100
+    s = rundir.read_summary(tmp_path / "huber_delta" / "outliers-huber-delta0.03-lr1.6667-s4")
+    assert s["config"]["loss.delta"] == 0.03 and s["config"]["optim.lr"] == 1.6667 and s["config"]["train.steps"] == 5
+    code, _, err = run_in_process(capsys, "sweep", str(study), "seed=1,2", "--runs-dir", str(tmp_path))
+    assert code == 2 and "claim study" in err
