@@ -81,6 +81,12 @@ def comparison_table(runs, params) -> Measurement:
     rated = {s: {n: {c: _rate(v[c], thr[c]) for c in COLUMNS} for n, v in cs.items()} for s, cs in per_seed.items()}
     values = {"agreement": [], "mismatches": []}
     for s in per_seed:
+        if any(rated[s][n][c] == "n/a" for n in names for c in COLUMNS):
+            # A cell that could not be measured (a run failed or diverged) is missing data, not a mismatch:
+            # the seed counts for neither side (see lab.claim_measures).
+            values["agreement"].append(NAN)
+            values["mismatches"].append(NAN)
+            continue
         same = [rated[s][n][c] == guide[n][i] for n in names for i, c in enumerate(COLUMNS)]
         values["agreement"].append(float(np.mean(same)))
         values["mismatches"].append(float(len(same) - sum(same)))

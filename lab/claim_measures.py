@@ -10,7 +10,10 @@ Two kinds of measurement:
 - about training (the rest): read from each run's summary (final scalars, fitted and exact-optimum
   parameters, steps to converge, status), its data.npz, and, for curves, its TensorBoard event file.
 A run that did not complete gives NaN for what it could not measure, so its seed counts as neither a
-pass nor a failure (see lab.claim_studies.judge).
+pass nor a failure (see lab.claim_studies.judge). The rule holds through every step: a number computed
+from several inputs of one seed (a max over quantile fits, the largest step back along a path, the share
+of table cells that match) is NaN as soon as any input is (`largest`, never Python's max, which keeps or
+drops a NaN depending on its position). Missing data thus ends as 'inconclusive', never as a verdict.
 
 This module holds the registry, the helpers and the loss-only measurements (claims 1, 4, 10);
 lab.claim_training holds the measurements of training runs.
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab import config, data, losses
+from lab import config, data, losses, rundir
 
 NAN = float("nan")
 
@@ -104,6 +107,14 @@ def plateau_start(errors, grad_abs, rel: float = 1e-6) -> float:
 def largest_jump(values) -> float:
     """max |v[i+1] - v[i]| along a grid: shrinks with the spacing for a continuous v, not across a kink."""
     return float(np.abs(np.diff(np.asarray(values, float))).max())
+
+
+def largest(values, default: float = NAN) -> float:
+    """max of values; NaN when any value is NaN (a missing input), `default` when there are none."""
+    values = [float(v) for v in values]
+    if any(math.isnan(v) for v in values):
+        return NAN
+    return max(values, default=default)
 
 
 def ratio(a: float, b: float, floor: float = 0.0) -> float:
@@ -211,17 +222,9 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def fmt(x: float) -> str:
-    """3 significant digits (whole numbers from 1000); scientific below 1e-3 and from 1e5."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    if abs(x) < 1e-3 or abs(x) >= 1e5:
-        return f"{x:.2e}"
-    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.3g}"
+def fmt(x) -> str:
+    """The claims report's numbers: lab.rundir.fmt with 3 significant digits and NaN as 'n/a'."""
+    return rundir.fmt(x, digits=3, missing="n/a")
 
 
 

@@ -77,7 +77,7 @@ def write_figures(results: list[ClaimResult], folder: Path | str, tensorboard: b
                 print(f"note: figure {name} skipped: {e.__class__.__name__}: {e}", file=sys.stderr)
                 continue
             paths[name] = folder / f"{name}.png"
-            paths[name].write_bytes(png)
+            rundir.write_atomic(paths[name], png)
             if writer is not None:
                 writer.add_image(f"claims/{name}", png)
     if writer is not None:

@@ -22,7 +22,6 @@ inconclusive. Verdict of the claim:
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import math
@@ -33,7 +32,7 @@ import numpy as np
 
 from lab import claim_comparison, claim_training, config  # noqa: F401 — they register their measurements
 from lab.claim_measures import MEASURES
-from lab.config import Config, ConfigError
+from lab.config import Config, ConfigError, suggest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 VERDICTS = ("holds", "does not hold", "inconclusive")
@@ -101,21 +100,21 @@ def load_study(path: Path, quick: bool = False) -> Study:
         raise ConfigError(f"{where}: no [claim] table (id, title, guide, measured, measure, [[claim.check]])")
     for key in claim:
         if key not in CLAIM_KEYS:
-            raise ConfigError(f"{where}: unknown [claim] key '{key}'{_suggest(key, CLAIM_KEYS)}")
+            raise ConfigError(f"{where}: unknown [claim] key '{key}'{suggest(key, CLAIM_KEYS)}")
     for key in ("id", "title", "guide", "measured", "measure"):
         if not isinstance(claim.get(key), str) or not claim[key].strip():
             raise ConfigError(f"{where}: [claim] needs {key} = \"...\" (a non-empty string)")
     if claim["measure"] not in MEASURES:
-        raise ConfigError(f"{where}: unknown measure '{claim['measure']}'{_suggest(claim['measure'], MEASURES)}; "
-                          f"available: {', '.join(sorted(MEASURES))}")
+        raise ConfigError(f"{where}: unknown measure '{claim['measure']}' (available: {', '.join(sorted(MEASURES))})"
+                          f"{suggest(claim['measure'], MEASURES)}")
     spec = MEASURES[claim["measure"]]
     params = claim.get("params", {})
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: [claim.params] must be a table")
     for key in params:
         if key not in spec.defaults:
-            raise ConfigError(f"{where}: measure '{claim['measure']}' takes no parameter '{key}'"
-                              f"{_suggest(key, spec.defaults)}; it takes: {', '.join(spec.defaults) or 'none'}")
+            raise ConfigError(f"{where}: measure '{claim['measure']}' takes no parameter '{key}' "
+                              f"(it takes: {', '.join(spec.defaults) or 'none'}){suggest(key, spec.defaults)}")
     checks = [_check(where, c, spec) for c in _as_list(claim.get("check"), where, "[[claim.check]]")]
     if not checks:
         raise ConfigError(f"{where}: no [[claim.check]]: a verdict needs at least one metric with min or max")
@@ -197,8 +196,8 @@ def _check(where: str, table, spec) -> Check:
         raise ConfigError(f"{where}: check stat must be one of {', '.join(STATS)}; got {stat!r}")
     metric = table.get("metric")
     if metric not in spec.labels:
-        raise ConfigError(f"{where}: check metric {metric!r} is not measured{_suggest(str(metric), spec.labels)}; "
-                          f"metrics: {', '.join(spec.labels)}")
+        raise ConfigError(f"{where}: check metric {metric!r} is not measured (metrics: {', '.join(spec.labels)})"
+                          f"{suggest(str(metric), spec.labels)}")
     bounds = {}
     for key in ("min", "max"):
         v = table.get(key)
@@ -212,11 +211,6 @@ def _check(where: str, table, spec) -> Check:
     if stat == "geomean" and any(v is not None and v <= 0 for v in bounds.values()):
         raise ConfigError(f"{where}: check {metric}: a geomean check needs positive bounds")
     return Check(metric, bounds["min"], bounds["max"], stat)
-
-
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def load_all(folder: Path = EXPERIMENTS, quick: bool = False, only: list[str] | None = None) -> list[Study]:

@@ -21,6 +21,7 @@ from lab.claim_measures import (
     dataset,
     final,
     fitted,
+    largest,
     line,
     measure,
     pick,
@@ -74,8 +75,8 @@ def optimum_statistics(runs, params) -> Measurement:
         qs = [(r.config.loss.tau, fitted(r, "value")) for r in _quantile_runs(runs, s)]
         return {"mse_vs_mean": abs(c["mse"] - mean) / sd, "rmse_vs_mse": abs(c["rmse"] - c["mse"]) / sd,
                 "mae_vs_median": abs(c["mae"] - median) / sd, "mae_rank_error": _rank_error(y, c["mae"], 0.5),
-                "quantile_rank_error": max((_rank_error(y, v, t) for t, v in qs), default=NAN),
-                "quantile_vs_sample": max((abs(v - np.quantile(y, t)) / sd for t, v in qs), default=NAN),
+                "quantile_rank_error": largest(_rank_error(y, v, t) for t, v in qs),
+                "quantile_vs_sample": largest(abs(v - np.quantile(y, t)) / sd for t, v in qs),
                 "mean_median_gap": abs(mean - median) / sd, "mse_vs_median": abs(c["mse"] - median) / sd}
 
     first = seeds(runs)[0]
@@ -332,7 +333,7 @@ def huber_interpolation(runs, params) -> Measurement:
         mse, mae, thetas, t = positions(s)
         d = float(np.linalg.norm(mse - mae))
         return {"small_to_mae": np.linalg.norm(thetas[0] - mae) / d, "large_to_mse": np.linalg.norm(thetas[-1] - mse) / d,
-                "max_backstep": max([0.0] + [a - b for a, b in itertools.pairwise(t)]), "separation": d}
+                "max_backstep": largest((a - b for a, b in itertools.pairwise(t)), default=0.0), "separation": d}
 
     curves = {s: positions(s)[3] for s in seeds(runs)}
     rows = [[f"{d:g}", *(curves[s][i] for s in curves)] for i, d in enumerate(deltas)]

@@ -147,7 +147,7 @@ def _prepare_out(out: Path) -> Path:
             (out / name).unlink(missing_ok=True)
     rundir.check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `lab claims`; the next run clears runs/, figures/ and the reports\n")
+    rundir.write_atomic(out / MARKER, "written by `lab claims`; the next run clears runs/, figures/ and the reports\n")
     return out
 
 

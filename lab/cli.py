@@ -8,7 +8,6 @@ diverged, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -220,13 +219,14 @@ def _load(args, sweep_words: bool):
 
 
 def _check_before_training(cfgs, runs_dir: Path, names: list[str]) -> None:
-    """Device, names and the runs directory, before anything is written or trained."""
-    from lab import rundir, trainer
+    """Device, names, memory and the runs directory, before anything is written or trained."""
+    from lab import rundir, study, trainer
 
     for name in names:
         rundir.check_name(name)
     for device in dict.fromkeys(c.device for c in cfgs):
         trainer.resolve_device(device)  # a clear ValueError for device=cuda without a GPU
+    study.check_fits(list(cfgs))  # before a sweep directory is made: a refused study leaves nothing behind
     rundir.check_writable(runs_dir)
     if any(c.device == "auto" for c in cfgs) and not _cuda():
         print("note: device=auto found no CUDA GPU; training on the CPU", file=sys.stderr)
@@ -270,20 +270,14 @@ def _run(args) -> int:
     return 0
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def one_line_summary(s: dict) -> str:
     """status, final loss, gap to the exact optimum, fitted parameters, steps to converge."""
+    from lab.rundir import fmt
+
     final = s.get("final") or {}
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in (s.get("params") or {}).items())
-    line = (f"{s['status']}  loss={_fmt(final.get('loss/train'))}  gap={_fmt(final.get('convergence/gap'))}  "
-            f"{params}  steps_to_converge={_fmt(s.get('steps_to_converge'))}")
+    params = " ".join(f"{k}={fmt(v)}" for k, v in (s.get("params") or {}).items())
+    line = (f"{s['status']}  loss={fmt(final.get('loss/train'))}  gap={fmt(final.get('convergence/gap'))}  "
+            f"{params}  steps_to_converge={fmt(s.get('steps_to_converge'))}")
     if s.get("error"):
         line += f"  error: {s['error']}"
     return line
@@ -341,6 +335,9 @@ def _study_runs(path: Path, args):
         raise UsageError(f"{path} is a claim study: its sweep is in the file; give single values only")
     fixed = config.parse_overrides(args.overrides)
     st = claim_studies.load_study(path)
+    if not st.grid:
+        raise config.ConfigError(f"{path} trains nothing: measure '{st.measure}' measures the loss functions only; "
+                                 f"run lab claims")
     runs = study.name_runs([(config.from_flat({**config.to_flat(cfg), **fixed}), swept) for cfg, swept in st.grid])
     base = config.from_flat({"name": path.stem})
     return base, runs
@@ -361,7 +358,7 @@ def _resume(runs, sweep_dir: Path):
         if d.is_dir():
             s = rundir.read_summary(d)
             if s.get("status") == "completed":
-                _check_same_config(d, s.get("config") or {}, _as_json(config.to_flat(r.config)))
+                _check_same_config(d, s.get("config") or {}, rundir.jsonable(config.to_flat(r.config)))
                 r.summary, r.dir = s, d
                 continue
             for f in d.glob("events.out.tfevents.*"):  # a fresh start: no duplicate steps in TensorBoard
@@ -371,20 +368,10 @@ def _resume(runs, sweep_dir: Path):
     return todo
 
 
-def _as_json(flat: dict) -> dict:
-    """A flat config as summary.json stores it: tuples as lists, non-finite floats (alpha = -inf) as null."""
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-    return {k: plain(v) for k, v in flat.items()}
-
-
-_RESULT_NEUTRAL = ("name", "train.figures", "device")  # keys that do not change a run's numbers
-
-
 def _check_same_config(run_dir: Path, old: dict, new: dict) -> None:
-    differ = [k for k in sorted(set(old) | set(new)) if k not in _RESULT_NEUTRAL and old.get(k) != new.get(k)]
+    from lab.config import NEUTRAL_KEYS
+
+    differ = [k for k in sorted(set(old) | set(new)) if k not in NEUTRAL_KEYS and old.get(k) != new.get(k)]
     if differ:
         k = differ[0]
         raise ValueError(f"--resume: {run_dir} was trained with {k} = {old.get(k)!r}, the config now says "

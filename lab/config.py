@@ -218,7 +218,8 @@ def _toml_value(v) -> str:
 # Typing values: TOML gives int/float/str/bool/list; the command line gives strings.
 
 
-def _suggest(key: str, valid) -> str:
+def suggest(key: str, valid) -> str:
+    """"; did you mean 'KEY'?" for the closest valid name, or "" (ends a one-line error message)."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -333,6 +334,7 @@ def from_flat(values: dict[str, Any], base: Config | None = None, check: bool = 
     cfg = base or Config()
     cfg = replace(cfg, **top, **{s: replace(getattr(cfg, s), **kv) for s, kv in sections.items() if kv})
     if check:
+        cfg = _one_tau(cfg)
         validate(cfg)
         cfg = _canonical_loss(cfg)
     return cfg
@@ -344,7 +346,7 @@ def coerce(key: str, raw, valid: dict | None = None):
     if key not in valid:
         if key in SECTIONS:
             raise ConfigError(f"'{key}' is a section, not a key: write [{key}] in the file or '{key}.KEY=VALUE'")
-        raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+        raise ConfigError(f"unknown key '{key}'{suggest(key, valid)}")
     return _coerce(key, valid[key][0], raw)
 
 
@@ -354,6 +356,15 @@ def _canonical_loss(cfg: Config) -> Config:
 
     name = losses.spec(cfg.loss.name).name
     return cfg if name == cfg.loss.name else replace(cfg, loss=replace(cfg.loss, name=name))
+
+
+def _one_tau(cfg: Config) -> Config:
+    """A one-element tau list becomes that tau: one model output, named like any single-tau run (slope,
+    not slope_0), so n_outputs, the reference solver and the trainer agree; expectile then takes it too."""
+    tau = cfg.loss.tau
+    if isinstance(tau, tuple) and len(tau) == 1:
+        return replace(cfg, loss=replace(cfg.loss, tau=tau[0]))
+    return cfg
 
 
 def parse_overrides(words: list[str]) -> dict[str, Any]:
@@ -435,6 +446,12 @@ def to_flat(cfg: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Validation: ranges, and parameters that the chosen loss or dataset does not take.
 
+MAX_SEED = 2**62  # lab.data seeds its validation generator with 2 * seed + 1, which must fit an int64
+MAX_STEPS = 100_000_000  # the trainer's tables (learning rate per step, log steps) grow with the steps
+MIN_LOSS_SCALE = 1e-30  # loss.delta, beta, scale, c below this make the loss underflow (float32 tiny ~1e-38)
+_SCALE_PARAMS = ("delta", "beta", "scale", "c")  # residual scales; beta = 0 (exactly L1) stays allowed
+NEUTRAL_KEYS = ("name", "train.figures", "device")  # keys that never change a run's numbers
+
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "float64"),
@@ -468,6 +485,7 @@ def validate(cfg: Config) -> None:
         ("optim.clip_grad_norm", o.clip_grad_norm >= 0, "must be >= 0 (0: off)"),
         ("optim.nesterov", not o.nesterov or (o.name == "sgd" and o.momentum > 0), "needs optim.name='sgd' and momentum > 0"),
         ("train.steps", t.steps > 0, "must be > 0"),
+        ("train.steps", t.steps <= MAX_STEPS, f"must be <= {MAX_STEPS:_} (run setup grows with the steps)"),
         ("train.batch_size", 0 <= t.batch_size, "must be >= 0 (0: full batch)"),
         ("train.log_every", t.log_every > 0, "must be > 0"),
         ("train.hist_every", t.hist_every >= 0, "must be >= 0 (0: off)"),
@@ -475,6 +493,7 @@ def validate(cfg: Config) -> None:
         ("train.window", t.window >= 2, "must be >= 2"),
         ("data.n_val", cfg.data.n_val >= 1, "must be >= 1"),
         ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("seed", cfg.seed < MAX_SEED, "must be < 2**62 (the data draw seeds a generator with 2 * seed + 1)"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -485,7 +504,7 @@ def validate(cfg: Config) -> None:
     try:
         taken = losses.spec(cfg.loss.name).params
     except ValueError:
-        raise ConfigError(f"loss.name = {cfg.loss.name!r} is not a loss{_suggest(cfg.loss.name, losses.available())} "
+        raise ConfigError(f"loss.name = {cfg.loss.name!r} is not a loss{suggest(cfg.loss.name, losses.available())} "
                           f"(available: {', '.join(losses.available())})") from None
     for pname, value in _loss_params(cfg.loss).items():
         if pname not in taken:
@@ -497,6 +516,11 @@ def validate(cfg: Config) -> None:
         losses.check_params(cfg.loss.name, _loss_params(cfg.loss))
     except ValueError as e:
         raise ConfigError(f"loss: {_one_line(e)}") from None
+    for pname in _SCALE_PARAMS:
+        value = getattr(cfg.loss, pname)
+        if value is not None and 0 < value < MIN_LOSS_SCALE:
+            raise ConfigError(f"loss.{pname} = {value!r} is below {MIN_LOSS_SCALE:g}: at that scale the loss "
+                              f"underflows to 0 and a run reports instant convergence; use a larger loss.{pname}")
     if cfg.data.kind in data.available():
         taken = data.defaults(cfg.data.kind)
         for pname, value in data_params(cfg.data).items():

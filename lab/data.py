@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,14 +474,31 @@ class Dataset:
         (a JSON string), enough for :func:`load` to rebuild the truth."""
         arrays = {"x_train": self.x, "y_train": self.y, "x_val": self.x_val, "y_val": self.y_val}
         arrays["outlier"] = self.outlier
-        with open(path, "wb") as file:  # a file object stops numpy from appending ".npz" to the name
-            np.savez(
-                file,
-                **{k: v.detach().cpu().numpy() for k, v in arrays.items()},
-                kind=np.array(self.kind),
-                seed=np.array(self.seed),
-                params=np.array(json.dumps(self.params)),
-            )
+        buffer = io.BytesIO()  # a file object also stops numpy from appending ".npz" to the name
+        np.savez(
+            buffer,
+            **{k: v.detach().cpu().numpy() for k, v in arrays.items()},
+            kind=np.array(self.kind),
+            seed=np.array(self.seed),
+            params=np.array(json.dumps(self.params)),
+        )
+        _write_atomic(Path(path), buffer.getvalue())
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place: a reader (or a run killed
+    mid-write) never leaves half a file. (lab.rundir does the same for run directories; data sits
+    before it in the data flow, so it does not import it.)"""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load(path) -> Dataset:
@@ -516,18 +536,35 @@ def make(kind: str, n: int = 200, seed: int = 0, dtype=torch.float32, device="cp
     x, y, outlier = _draw(kind, resolved, resolved["n"], train, contaminate=True)
     x_val, y_val, _ = _draw(kind, resolved, resolved["n_val"], val, contaminate=False)
 
-    def out(t):  # cast on the CPU, then move: identical bits on every device
-        return t.to(dtype).to(device)
-
+    # Cast on the CPU, check, then move: identical bits on every device.
+    x, y, x_val, y_val = (t.to(dtype) for t in (x[:, None], y, x_val[:, None], y_val))
+    _check_finite(dtype, x=x, x_val=x_val, y=y, y_val=y_val)
     params = {k: v for k, v in resolved.items() if k != "seed"}
     return Dataset(
         kind,
         params,
         seed,
-        out(x[:, None]),
-        out(y),
-        out(x_val[:, None]),
-        out(y_val),
+        x.to(device),
+        y.to(device),
+        x_val.to(device),
+        y_val.to(device),
         outlier.to(device),
         Truth(kind, params),
     )
+
+
+def _check_finite(dtype: torch.dtype, **tensors: Tensor) -> None:
+    """Raise ValueError when a draw does not fit ``dtype``.
+
+    Finite parameters can still overflow: target_scale = 1e300 or noise = 1e300 exceed float32's 3.4e38,
+    and Student-t noise with df = 0.01 draws values beyond float64's range. Caught here, the error names
+    the cause instead of surfacing as non-finite targets deep in training.
+    """
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if not bad:
+            continue
+        what = "x" if name.startswith("x") else "targets"
+        fix = "narrow x_range" if what == "x" else "lower target_scale / noise / outlier_scale, or raise df"
+        raise ValueError(f"{what} are not finite in {str(dtype).removeprefix('torch.')} ({bad} of {t.numel()} "
+                         f"values of {name} overflow): {fix}")

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from lab import rundir
+
 # One colour per loss, the same in every figure of the lab.
 LOSS_COLORS = {"mse": "tab:blue", "mae": "tab:orange", "huber": "tab:green", "log_cosh": "tab:purple",
                "quantile": "tab:red", "rmse": "tab:cyan", "smooth_l1": "tab:olive", "expectile": "tab:pink",
@@ -70,8 +72,8 @@ def sweep_figures(runs, sweep_dir: Path) -> None:
     ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
     ax.set(title="final gap to the exact optimum, per run", ylabel="train loss - optimal loss")
     (sweep_dir / "figures").mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "figures" / "final_gap.png").write_bytes(png(fig))
-    (sweep_dir / "figures" / "index.json").write_text(json.dumps({"runs": names}))
+    rundir.write_atomic(sweep_dir / "figures" / "final_gap.png", png(fig))
+    rundir.write_atomic(sweep_dir / "figures" / "index.json", json.dumps({"runs": names}))
 
 
 # ---------------------------------------------------------------------------------------------------------

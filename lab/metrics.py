@@ -133,12 +133,15 @@ def abs_quantile(r: torch.Tensor, q: float = 0.99) -> torch.Tensor:
 
 def excess_kurtosis(r: torch.Tensor) -> torch.Tensor:
     """m4 / m2^2 - 3 of each run's residuals r [runs, n] (0 for Gaussian, large for heavy tails)."""
-    n = r.shape[-1]
     c = r - r.mean(-1, keepdim=True)
     c2 = c * c
-    m2 = c2.sum(-1) / n
-    m4 = torch.linalg.vecdot(c2, c2) / n  # sum of c^4 without a [runs, n] tensor of it
-    return m4 / (m2 * m2).clamp_min(torch.finfo(r.dtype).tiny) - 3
+    return kurtosis_from_sums(c2.sum(-1), torch.linalg.vecdot(c2, c2), r.shape[-1])
+
+
+def kurtosis_from_sums(sum_c2: torch.Tensor, sum_c4: torch.Tensor, n: int) -> torch.Tensor:
+    """Excess kurtosis m4 / m2^2 - 3 from the sums of c^2 and c^4 (c: centred residuals) over n points."""
+    m2, m4 = sum_c2 / n, sum_c4 / n
+    return m4 / (m2 * m2).clamp_min(torch.finfo(m2.dtype).tiny) - 3
 
 
 def coverage(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,13 @@
     run | <keys that differ> | status | loss | gap | val_mse | flip_rate | outlier_grad | <params> | conv_step
 
 The key columns are the swept keys of the runs plus any other config key whose value differs between
-them. With `--by KEY,...` rows are grouped by those keys and every number becomes mean ± std (sample
-standard deviation, n - 1) over the runs of the group, typically the seeds. A run whose summary is
-missing or unreadable (killed mid-write, still training) is listed as `broken`, never skipped.
+them; config values are shown exactly (0.001 and 0.0010001 stay apart), measured numbers rounded. With
+`--by KEY,...` rows are grouped by the exact values of those keys and every number becomes mean ± std
+(sample standard deviation, n - 1) over the completed runs of the group, typically the seeds: a diverged
+run's last finite parameters or a failed run's missing ones never mix into a mean, and a cell averaged
+over fewer runs than the group holds says so, e.g. `0.28 ± 0.01 (n=2/3)` (steps to converge average
+the runs that converged; `converged` counts them). A run whose summary is missing or unreadable (killed
+mid-write, still training) is listed as `broken`, never skipped.
 
 Reads only JSON and TOML: no torch import, so a report is instant.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import statistics
@@ -26,7 +31,6 @@ from lab import config, rundir
 # Final metrics shown, as (column, summary `final` tag).
 METRICS = (("loss", "loss/train"), ("gap", "convergence/gap"), ("val_mse", "loss/val_mse"),
            ("flip_rate", "oscillation/flip_rate"), ("outlier_grad", "grad/outlier_share"))
-NEUTRAL_KEYS = ("name", "train.figures", "device")  # never a reason for a key column
 
 
 def main(args) -> int:
@@ -41,9 +45,9 @@ def main(args) -> int:
     result = aggregate(runs, by) if by else table(runs)
     print(render_text(result))
     if args.csv:
-        Path(args.csv).write_text(render_csv(result))
+        rundir.write_atomic(Path(args.csv), render_csv(result))
     if args.markdown:
-        Path(args.markdown).write_text(render_markdown(result))
+        rundir.write_atomic(Path(args.markdown), render_markdown(result))
     return 0
 
 
@@ -82,7 +86,7 @@ def key_columns(runs: list[dict]) -> list[str]:
         [r["config"] for r in runs if r["config"]]
     all_keys = dict.fromkeys(k for c in known for k in c)
     for k in all_keys:
-        if k not in keys and k not in NEUTRAL_KEYS and len({_text(c.get(k)) for c in known}) > 1:
+        if k not in keys and k not in config.NEUTRAL_KEYS and len({_exact(c.get(k)) for c in known}) > 1:
             keys.append(k)
     return keys
 
@@ -104,6 +108,7 @@ class Table(NamedTuple):
     header: list[str]
     rows: list[list]
     stats: frozenset = frozenset()  # columns whose cells are MeanStd (or None)
+    exact: frozenset = frozenset()  # config-key columns: values shown exactly, never rounded
 
 
 def table(runs: list[dict]) -> Table:
@@ -117,7 +122,7 @@ def table(runs: list[dict]) -> Table:
         note = s.get("error") or (f"diverged at step {s['diverged_step']}" if s.get("diverged_step") is not None else "")
         rows.append([r["run"], *(r["config"].get(k) for k in keys), s.get("status", "broken"),
                      *(values[c] for c in numbers), note])
-    return Table(header, rows)
+    return Table(header, rows, exact=frozenset(keys))
 
 
 def aggregate(runs: list[dict], by: list[str]) -> Table:
@@ -125,40 +130,45 @@ def aggregate(runs: list[dict], by: list[str]) -> Table:
     valid = config.keys()
     for k in by:
         if k not in valid:
-            raise ValueError(f"report --by: unknown key '{k}'{config._suggest(k, valid)}")
+            raise ValueError(f"report --by: unknown key '{k}'{config.suggest(k, valid)}")
     params = _param_columns(runs)
     numbers = [c for c, _ in METRICS] + params + ["conv_step"]
+    # Grouped by the exact values (0.001 and 0.0010001 are two groups), shown as the first member's values.
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault(tuple(_text(r["config"].get(k)) for k in by), []).append(r)
+        groups.setdefault(tuple(_exact(r["config"].get(k)) for k in by), []).append(r)
     header = [*by, "runs", "status", *numbers, "converged"]
     rows = []
-    for key in sorted(groups, key=lambda t: [_natural(x) for x in t]):
+    for key in sorted(groups, key=lambda t: [_order(json.loads(x)) for x in t]):
         members = groups[key]
         statuses = [m["summary"].get("status", "broken") for m in members]
         status = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
-        values = [_row_values(m, params) for m in members]
-        stats = [MeanStd.of([v[c] for v in values]) for c in numbers]
+        values = [_row_values(m, params) for m, s in zip(members, statuses) if s == "completed"]
+        stats = [MeanStd.of([v[c] for v in values], of=None if c == "conv_step" else len(members))
+                 for c in numbers]
         converged = sum(v["conv_step"] is not None for v in values)
-        rows.append([*key, len(members), status, *stats, f"{converged}/{len(members)}"])
-    return Table(header, rows, frozenset(numbers))
+        rows.append([*(members[0]["config"].get(k) for k in by), len(members), status, *stats,
+                     f"{converged}/{len(members)}"])
+    return Table(header, rows, frozenset(numbers), frozenset(by))
 
 
 class MeanStd:
-    """Mean ± sample std (n - 1) of the finite values of a group; n counts them."""
+    """Mean ± sample std (n - 1) of the finite values of a group; n counts them, `of` is the group's size
+    (shown as '(n=2/3)' when fewer values than runs went into the mean; None: not shown)."""
 
-    def __init__(self, mean: float, std: float | None, n: int):
-        self.mean, self.std, self.n = mean, std, n
+    def __init__(self, mean: float, std: float | None, n: int, of: int | None = None):
+        self.mean, self.std, self.n, self.of = mean, std, n, of
 
     @classmethod
-    def of(cls, values: list) -> MeanStd | None:
+    def of(cls, values: list, of: int | None = None) -> MeanStd | None:
         finite = [v for v in values if v is not None and math.isfinite(v)]
         if not finite:
             return None
-        return cls(statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite))
+        return cls(statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite), of)
 
     def __str__(self) -> str:
-        return _fmt(self.mean) if self.std is None else f"{_fmt(self.mean)} ± {self.std:.2g}"
+        text = rundir.fmt(self.mean) if self.std is None else f"{rundir.fmt(self.mean)} ± {self.std:.2g}"
+        return text if self.of is None or self.n >= self.of else f"{text} (n={self.n}/{self.of})"
 
 
 def _num(v) -> float | None:
@@ -167,23 +177,28 @@ def _num(v) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
-    return str(v)
+def _order(v):
+    """Sort key of a config value: numbers by value (0.05 before 0.1), then text naturally (s2 before s10)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), [])
+    return (1, 0.0, _natural(_text(v, exact=True)))
 
 
-def _text(v) -> str:
-    """A cell as text: lists as a,b; None as '-'."""
+def _exact(v) -> str:
+    """A config value as an exact, hashable key (JSON): what grouping and 'does this key differ' compare."""
+    return json.dumps(rundir.jsonable(v), sort_keys=True)
+
+
+def _text(v, exact: bool = False) -> str:
+    """A cell as text: lists as a,b; None as '-'; numbers rounded (rundir.fmt), or with exact=True (config
+    values) as Python writes them, shortest round-trip: 0.0010001 stays 0.0010001."""
     if isinstance(v, (list, tuple)):
-        return ",".join(_text(x) for x in v)
-    if isinstance(v, bool):
-        return str(v).lower()
+        return ",".join(_text(x, exact) for x in v)
     if isinstance(v, MeanStd):
         return str(v)
-    return _fmt(v)
+    if exact and isinstance(v, float) and math.isfinite(v) and not (v.is_integer() and abs(v) < 1e15):
+        return repr(v)
+    return rundir.fmt(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +206,7 @@ def _text(v) -> str:
 
 
 def render_text(t: Table) -> str:
-    cells = [t.header] + [[_text(v) for v in row] for row in t.rows]
+    cells = [t.header] + [[_text(v, h in t.exact) for h, v in zip(t.header, row)] for row in t.rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(t.header))]
     numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(t.header))]
     lines = []
@@ -204,22 +219,23 @@ def render_text(t: Table) -> str:
 
 
 def _is_number(text: str) -> bool:
-    return text == "-" or bool(re.fullmatch(r"-?[\d.]+(e[-+]?\d+)?( ± [\d.e+-]+)?", text))
+    return text == "-" or bool(re.fullmatch(r"-?[\d.]+(e[-+]?\d+)?( ± [\d.e+-]+)?( \(n=\d+/\d+\))?", text))
 
 
 def render_markdown(t: Table) -> str:
-    def cell(v):
-        return _text(v).replace("|", "\\|")
+    def cell(h, v):
+        return _text(v, h in t.exact).replace("|", "\\|")
     lines = ["| " + " | ".join(t.header) + " |", "|" + "|".join(" --- " for _ in t.header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in t.rows]
+    lines += ["| " + " | ".join(cell(h, v) for h, v in zip(t.header, row)) + " |" for row in t.rows]
     return "\n".join(lines) + "\n"
 
 
 def render_csv(t: Table) -> str:
-    """Full-precision numbers; an aggregated column becomes two, <name>_mean and <name>_std."""
+    """Full-precision numbers; an aggregated column becomes three, <name>_mean, <name>_std and <name>_n (how
+    many runs the mean is over)."""
     header = []
     for h in t.header:
-        header += [f"{h}_mean", f"{h}_std"] if h in t.stats else [h]
+        header += [f"{h}_mean", f"{h}_std", f"{h}_n"] if h in t.stats else [h]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -227,11 +243,11 @@ def render_csv(t: Table) -> str:
         line = []
         for h, v in zip(t.header, row):
             if h in t.stats:
-                line += ["", ""] if v is None else [repr(v.mean), "" if v.std is None else repr(v.std)]
+                line += ["", "", 0] if v is None else [repr(v.mean), "" if v.std is None else repr(v.std), v.n]
             elif isinstance(v, float):
                 line.append(repr(v))
             elif isinstance(v, (list, tuple, bool)):
-                line.append(_text(v))
+                line.append(_text(v, exact=True))
             else:
                 line.append("" if v is None else v)
         w.writerow(line)

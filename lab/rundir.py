@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -62,37 +63,70 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-def _jsonable(v):
-    """Plain JSON: NaN and infinities become null (JSON has no NaN)."""
+def jsonable(v):
+    """v as summary.json stores it: tuples as lists, NaN and infinities as null (JSON has no NaN)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    write_atomic(Path(run_dir) / SUMMARY, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
+    write_atomic(Path(run_dir) / SUMMARY, json.dumps(jsonable(summary), indent=2, sort_keys=True) + "\n")
 
 
 def write_config(run_dir: Path, table: dict) -> None:
     write_atomic(Path(run_dir) / CONFIG, tomli_w.dumps(table))
 
 
+# Fields of summary.json that readers use as tables (lab.study._finish writes them as dicts).
+_TABLE_FIELDS = ("final", "params", "swept", "config", "reference", "resolved", "last_finite")
+
+
 def read_summary(run_dir: Path) -> dict:
-    """The run's summary, or {'status': 'broken', 'error': ...} when it is missing or unreadable."""
+    """The run's summary, or {'status': 'broken', 'error': ...} when it is missing, unreadable, or well-formed
+    JSON of the wrong shape (no string status, or a table field such as `final` that is not a table)."""
     path = Path(run_dir) / SUMMARY
     try:
         summary = json.loads(path.read_text())
-        if not isinstance(summary, dict) or "status" not in summary:
-            raise ValueError("no status")
-        return summary
     except FileNotFoundError:
         return {"status": "broken", "error": "summary.json missing"}
     except (ValueError, OSError) as e:
         return {"status": "broken", "error": f"summary.json unreadable: {e.__class__.__name__}"}
+    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+        return {"status": "broken", "error": "summary.json unreadable: no status"}
+    wrong = [k for k in _TABLE_FIELDS if summary.get(k) is not None and not isinstance(summary[k], dict)]
+    if wrong:
+        return {"status": "broken", "error": f"summary.json unreadable: '{wrong[0]}' is not a table"}
+    return summary
+
+
+def fmt(v, digits: int = 4, missing: str = "-") -> str:
+    """A value of a summary as short text (lab run's line, lab report's tables, lab claims' report).
+
+    Numbers get `digits` significant digits; whole numbers (below 1e15) and numbers from 10**(digits-1)
+    print without decimals; below 1e-3 and from 1e5 scientific. None and NaN give `missing`,
+    infinities 'inf' / '-inf', booleans 'true' / 'false', anything else str(v).
+    """
+    if v is None or isinstance(v, bool):
+        return missing if v is None else str(v).lower()
+    if isinstance(v, numbers.Integral):
+        return str(int(v))
+    if not isinstance(v, numbers.Real):
+        return str(v)
+    v = float(v)
+    if math.isnan(v):
+        return missing
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    if abs(v) < 1e-3 or abs(v) >= 1e5:
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.0f}" if abs(v) >= 10 ** (digits - 1) else f"{v:.{digits}g}"
 
 
 def find_runs(root: Path) -> list[Path]:

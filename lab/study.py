@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,7 +280,10 @@ def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, 
         return False
     for r, w, ds, res in zip(population, writers, datasets, results):
         if figures:
-            _figures(r, w, ds, res)
+            try:
+                _figures(r, w, ds, res)
+            except Exception as e:  # noqa: BLE001 — a figure never costs the results (this run's or the others')
+                print(f"note: figures of {r.name} skipped: {e.__class__.__name__}: {e}", file=sys.stderr)
         _finish(r, res, res.status, hkeys, w)
         _notify(on_done, r)
     return any(res.status == "interrupted" for res in results)
@@ -383,5 +387,5 @@ def _figures(run: Run, writer, ds, res) -> None:
     out = run.dir / "figures"
     out.mkdir(exist_ok=True)
     for name, png in figures.run_figures(run.config, ds, res).items():
-        (out / f"{name}.png").write_bytes(png)
+        rundir.write_atomic(out / f"{name}.png", png)
         writer.add_image(f"figures/{name}", png, step=max(res.steps, 0))

@@ -47,6 +47,10 @@ _TRACK_PARAMS = 64
 # Losses whose |psi(e)| is a non-decreasing function of |e|: their largest per-sample gradients sit at
 # their largest residuals, so the log row ranks residuals once for both p99 |e| and the top-1% share.
 _BY_ABS_RESID = frozenset({"mse", "rmse", "mae", "huber", "smooth_l1", "log_cosh", "pseudo_huber"})
+# Runs are processed in blocks of at most this many [run, point] values (256 KiB of float32): a block's
+# tensors stay in a core's cache through the ~30 elementwise ops of a step. One op over a whole large
+# population would stream every tensor through main memory (10 000 runs: 3x slower per value).
+_BLOCK_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -138,12 +142,28 @@ class _Flat:
 
 
 @dataclass
+class _Block:
+    """Contiguous runs that share a loss, few enough that one [runs, n] tensor of theirs stays in cache.
+
+    The views (data, parameters) are taken once: the parameters are updated in place, so they stay current.
+    """
+
+    runs: slice
+    spec: losses.LossSpec
+    params: dict  # loss parameters: floats, or [B, 1, 1] tensors where runs differ
+    by_abs_resid: bool  # |psi| is a non-decreasing function of |e|: the largest gradients sit at the largest |e|
+    x: torch.Tensor  # [B, n, 1]
+    y3: torch.Tensor  # [B, n, 1] training targets
+    named: dict  # this block's parameter views {name: [B, ...]}
+
+
+@dataclass
 class _Population:
     """Everything about a population that does not change during training (device tensors, run order)."""
 
     model: models.Model
     named: dict  # views into the live parameters [N, P]
-    groups: list  # (slice, LossSpec, params) per loss, contiguous
+    blocks: list[_Block]
     x: torch.Tensor  # [N, n, 1]
     y3: torch.Tensor  # [N, n, 1] training targets
     y_orig: torch.Tensor  # [N, n]
@@ -160,22 +180,44 @@ class _Population:
     true_params: torch.Tensor  # [N, K]
     k: int
     shapes: _Flat
-    by_abs_resid: list  # per loss group: |psi| is a non-decreasing function of |e| (symmetric, monotone)
+    compiled: bool = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Predictions [N, b, k] for x [N, b, 1]."""
+    def forward(self, named: dict, x: torch.Tensor) -> torch.Tensor:
+        """Predictions [B, b, k] of the runs whose parameter views are `named`, at x [B, b, 1]."""
         if self.model.kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
-            return x * self.named["weight"].transpose(1, 2) + self.named["bias"][:, None, :]
-        return self.model.forward(self.named, x)
+            return x * named["weight"].transpose(1, 2) + named["bias"][:, None, :]
+        return self.model.forward(named, x)
 
-    def objective(self, pred: torch.Tensor, target: torch.Tensor):
-        """Each run's own loss, in training units: (mean loss m [N], psi per loss group [G, b, k])."""
-        values, psis = [], []
-        for sl, spec, params in self.groups:
-            p, t = pred[sl], target[sl]
-            psis.append(spec.psi(p, t, **params))
-            values.append(spec.fn(p, t, **params).mean((1, 2)))
-        return torch.cat(values) if len(values) > 1 else values[0], psis
+    def terms(self, x: torch.Tensor | None = None, y3: torch.Tensor | None = None):
+        """Each run's own loss and its gradient at the current parameters, block by block.
+
+        x, y3: a minibatch [N, b, 1] (None: the full training set). Returns (mean loss m [N] in
+        training units, dm/dtheta [N, P] times b * k, and per block its predictions and psi [B, b, k]).
+        """
+        values, weight_grads, bias_grads, flats, preds, psis = [], [], [], [], [], []
+        for blk in self.blocks:
+            xb = blk.x if x is None else x[blk.runs]
+            target = blk.y3 if y3 is None else y3[blk.runs]
+            if self.model.kind in ("linear", "constant"):
+                block_terms = _compiled(blk.spec, self.model.kind) if self.compiled else _block_terms
+                value, weight_grad, bias_grad, pred, psi = block_terms(blk.spec, self.model.kind, blk.named, xb,
+                                                                       target, blk.params)
+                if weight_grad is not None:
+                    weight_grads.append(weight_grad)
+                bias_grads.append(bias_grad)
+            else:
+                pred = self.forward(blk.named, xb)
+                psi = blk.spec.psi(pred, target, **blk.params)
+                value = blk.spec.fn(pred, target, **blk.params).mean((1, 2))
+                flats.append(self.shapes.flat(self.model.vjp(blk.named, xb, psi)))
+            values.append(value)
+            preds.append(pred)
+            psis.append(psi)
+        if self.model.kind == "linear":  # the flat order: weight [k x 1], then bias [k]
+            flat = torch.cat([_join(weight_grads), _join(bias_grads)], dim=1)
+        else:
+            flat = _join(bias_grads if self.model.kind == "constant" else flats)
+        return _join(values), flat, preds, psis
 
     def chain(self, m: torch.Tensor):
         """(loss L [N], dL/dm [N] or None): rmse runs report sqrt(m); dL/dm = 1/(2 sqrt m), 0 at m = 0."""
@@ -186,38 +228,78 @@ class _Population:
         loss = torch.where(self.root, torch.where(positive, sq, 0.0), m)
         return loss, torch.where(self.root, torch.where(positive, 0.5 / sq, 0.0), 1.0)
 
-    def gradient(self, psis: list, x: torch.Tensor, chain) -> torch.Tensor:
-        """dL/dtheta [N, P] from the loss groups' psi, without joining the [N, b, k] tensors."""
-        b = x.shape[1]
-        if self.model.kind == "linear":  # d/dw = sum_i psi_i x_i, d/db = sum_i psi_i, per output
-            weight = [(ps * x[sl]).sum(1) for (sl, _, _), ps in zip(self.groups, psis)]
-            bias = [ps.sum(1) for ps in psis]
-            if len(psis) > 1:
-                weight, bias = [torch.cat(weight)], [torch.cat(bias)]
-            flat = torch.cat(weight + bias, dim=1)  # the flat order: weight [k x 1], then bias [k]
-        elif self.model.kind == "constant":
-            flat = torch.cat([ps.sum(1) for ps in psis]) if len(psis) > 1 else psis[0].sum(1)
-        else:
-            g_out = torch.cat(psis) if len(psis) > 1 else psis[0]
-            flat = self.shapes.flat(self.model.vjp(self.named, x, g_out))
-        scale = 1.0 / (b * self.k)
-        return flat * scale if chain is None else flat * (chain * scale)[:, None]
+
+def _block_terms(spec, kind: str, named: dict, x, target, params):
+    """One block of a linear or constant model: (mean loss [B], d/dweight [B, k] or None, d/dbias [B, k],
+    predictions and psi [B, b, k]); the gradients are sums over points (not yet divided by b * k)."""
+    if kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
+        pred = x * named["weight"].transpose(1, 2) + named["bias"][:, None, :]
+    else:
+        pred = named["value"][:, None, :].expand(x.shape[0], x.shape[1], -1)
+    psi = spec.psi(pred, target, **params)
+    value = spec.fn(pred, target, **params).mean((1, 2))
+    # d/dw = sum_i psi_i x_i, d/db = sum_i psi_i (per output); the constant's value is a bias
+    weight_grad = torch.linalg.vecdot(psi, x, dim=1) if kind == "linear" else None
+    return value, weight_grad, psi.sum(1), pred, psi
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(spec, kind: str):
+    """`_block_terms` through torch.compile, one compiled function per (loss, model kind).
+
+    Measured on the 200-run benchmark population (2-core EPYC, one thread): a compiled step takes
+    ~0.26 ms instead of ~1.1 ms eager, but compiling takes 3-4 s with a warm inductor cache (14-36 s
+    cold), more than the whole 2000-step training; on 10 000 runs it pays. See lab/bench.py --compile.
+    """
+    key = (spec.name, kind)
+    if key not in _COMPILED:
+        def terms(spec_, kind_, named, x, target, params):
+            return _block_terms(spec, kind, named, x, target, params)
+
+        _COMPILED[key] = torch.compile(terms, dynamic=True)
+    return _COMPILED[key]
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBlock], None] | None = None,
           on_hist: Callable[[int, str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
-          flush_every: int = 50, should_stop: Callable[[], bool] | None = None) -> list[RunResult]:
+          flush_every: int = 50, should_stop: Callable[[], bool] | None = None,
+          compile: bool = False) -> list[RunResult]:
     """Train one population (all configs must share `population_key`); returns one result per run.
 
     on_log(block) receives scalars every `flush_every` log steps and at the end; on_hist(step, tag,
     counts [N, bins], lo [N], hi [N]) receives histograms. should_stop() is polled at flushes; when it
     says stop (or on KeyboardInterrupt) unfinished runs end with status 'interrupted' after a flush.
-    Results and callback arrays are in the caller's run order.
+    Results and callback arrays are in the caller's run order. compile: run each block's loss and
+    gradient through torch.compile (linear and constant models; see `_compiled`): off by default,
+    because compiling costs more than it saves on a study of a few hundred runs (lab/bench.py).
+
+    On a CPU the population trains with one intra-op thread (restored afterwards): its ops are a few
+    tens of microseconds each, so a second thread gains ~20% on two idle cores, while one competing
+    process on the same cores made the 200-run study up to 25x slower (66 s instead of 2.7 s: the
+    threads spin at every op's barrier waiting for a descheduled partner).
     """
-    t_start = time.perf_counter()
     keys = {population_key(c) for c in cfgs}
     if len(keys) != 1:
         raise ValueError(f"configs do not share one population: {sorted(map(str, keys))}")
+    threads = torch.get_num_threads()
+    one_thread = resolve_device(cfgs[0].device).type == "cpu" and threads > 1
+    if one_thread:
+        torch.set_num_threads(1)
+    try:
+        return _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile)
+    finally:
+        if one_thread:
+            torch.set_num_threads(threads)
+
+
+def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -> list[RunResult]:
+    t_start = time.perf_counter()
     cfg0 = cfgs[0]
     # Lay runs out contiguously by loss, so each loss group is a slice (no scatter/gather per step).
     order = sorted(range(len(cfgs)), key=lambda i: cfgs[i].loss.name)
@@ -230,6 +312,7 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
     hist_every = cfg0.train.hist_every if log_every else 0
 
     pop, P, refs, tol, named_keys, shapes = _setup(cfgs, datasets, device, dtype)
+    pop.compiled = compile and pop.model.kind in ("linear", "constant")
     n, n_params = pop.y3.shape[1], P.shape[1]
 
     # ---- optimizer, per-run hyperparameters [N, 1] --------------------------------------------------
@@ -299,11 +382,11 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
                 idx = perm[:, (step % batches_per_epoch) * batch:(step % batches_per_epoch + 1) * batch]
                 xb, yb3 = pop.x[rows, idx], pop.y3[rows, idx]
             else:
-                xb, yb3 = pop.x, pop.y3
-            pred = pop.forward(xb)  # [N, b, k]
-            m, psis = pop.objective(pred, yb3)
+                xb, yb3 = None, None  # the full training set
+            m, flat, preds, psis = pop.terms(xb, yb3)
             loss, chain = pop.chain(m)
-            grads = pop.gradient(psis, xb, chain)  # [N, P]
+            scale = 1.0 / (batch * pop.k)  # the mean over points and outputs
+            grads = flat * scale if chain is None else flat * (chain * scale)[:, None]  # dL/dtheta [N, P]
             gnorm = None
             if clipping:
                 grads, gnorm = clip_by_norm(grads, hyper.clip_grad_norm)
@@ -316,16 +399,15 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
 
             if step in row_steps:
                 lr_now = lr_fixed[:, 0] if constant_lr else lr_tab[step, lr_col]
-                if xb is not pop.x:  # minibatch step: measure on the full training set
-                    pred = pop.forward(pop.x)
-                    m_full, psis = pop.objective(pred, pop.y3)
+                if xb is not None:  # minibatch step: measure on the full training set
+                    m_full, _, preds, psis = pop.terms()
                     loss, chain = pop.chain(m_full)
                     gap = loss - pop.ref_loss
                 history = _Histories(step, window, ring, loss_ring, param_ring if track_params else None, flip_ring)
-                pending.append(_log_row(pop, pred, loss, chain, psis, P, grads, gnorm, gap, lr_now, history))
+                pending.append(_log_row(pop, preds, psis, loss, chain, P, grads, gnorm, gap, lr_now, history))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
-                    _hists(pop, step, pred, psis, chain, on_hist, inverse)
+                    _hists(pop, step, preds, psis, chain, on_hist, inverse)
                 if len(pending) >= flush_every:
                     flush()
                     if should_stop and should_stop():
@@ -336,8 +418,11 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
             # -- update, then stop runs that left the finite numbers (their parameters stay frozen)
             lr = lr_fixed if constant_lr else lr_tab[step, lr_col][:, None]  # [N, 1]
             new_P = P - lr * grads if plain_sgd else opt.step(P, grads, lr)
-            # A non-finite gradient makes new_P non-finite too (lr > 0), so these two checks cover it.
-            active &= torch.isfinite(loss) & torch.isfinite(new_P).all(1)
+            # A run leaves the finite numbers when its loss or new parameters do (a non-finite gradient
+            # makes new_P non-finite too). s - s == 0 exactly when s is finite: 4 ops where
+            # isfinite(loss) & isfinite(new_P).all(1) takes 12 (a sum overflows only past ~1e38 in float32).
+            total = new_P.sum(1) + loss
+            active &= (total - total) == 0
             alive += active
             if not track_params:
                 update = new_P - P
@@ -376,13 +461,21 @@ def _setup(cfgs, datasets, device, dtype):
     shapes = _Flat(model.param_shapes())
     P = shapes.flat(model.init_stack([init_seed(c.seed) for c in cfgs], dtype=dtype, device=device))  # [N, P]
 
-    groups = []  # (slice, spec, params), contiguous by loss
-    start = 0
+    named = shapes.named(P)
+    y3 = y[..., None]
+    # Blocks: contiguous runs of one loss, at most _BLOCK_ELEMENTS training values (x width for mlp) each.
+    width = max(cfg0.model.hidden) if model.kind == "mlp" else 1
+    per_block = max(1, _BLOCK_ELEMENTS // (x.shape[1] * width * k))
+    blocks, start = [], 0
     for name in dict.fromkeys(c.loss.name for c in cfgs):
-        members = [c for c in cfgs if c.loss.name == name]
-        groups.append((slice(start, start + len(members)), losses.spec(name),
-                       _stack_loss_params(members, name, dtype, device)))
-        start += len(members)
+        count = sum(c.loss.name == name for c in cfgs)
+        spec = losses.spec(name)
+        for lo in range(start, start + count, per_block):
+            sl = slice(lo, min(lo + per_block, start + count))
+            blocks.append(_Block(runs=sl, spec=spec, params=_stack_loss_params(cfgs[sl], name, dtype, device),
+                                 by_abs_resid=name in _BY_ABS_RESID and k == 1, x=x[sl], y3=y3[sl],
+                                 named={key: v[sl] for key, v in named.items()}))
+        start += count
     roots = [losses.spec(c.loss.name).root for c in cfgs]
     root = torch.tensor(roots, device=device) if any(roots) else None
 
@@ -396,10 +489,10 @@ def _setup(cfgs, datasets, device, dtype):
     ref_params = torch.tensor([[_orig(r.params, c, mu_h[i], sd_h[i])[p] if r else nan for p in named_keys]
                                for i, (r, c) in enumerate(zip(refs, cfgs))], dtype=dtype, device=device)
     true_params = torch.tensor([[_true(d, p) for p in named_keys] for d in datasets], dtype=dtype, device=device)
-    pop = _Population(model=model, named=shapes.named(P), groups=groups, x=x, y3=y[..., None], y_orig=y_orig,
-                      x_val=x_val, signal_val=signal_val, outlier=outlier, outlier_f=outlier.to(dtype), mu=mu, sd=sd, any_norm=any_norm,
-                      root=root, ref_loss=ref_loss, ref_params=ref_params, true_params=true_params, k=k,
-                      shapes=shapes, by_abs_resid=[spec.name in _BY_ABS_RESID and k == 1 for _, spec, _ in groups])
+    pop = _Population(model=model, named=named, blocks=blocks, x=x, y3=y3, y_orig=y_orig, x_val=x_val,
+                      signal_val=signal_val, outlier=outlier, outlier_f=outlier.to(dtype), mu=mu, sd=sd,
+                      any_norm=any_norm, root=root, ref_loss=ref_loss, ref_params=ref_params,
+                      true_params=true_params, k=k, shapes=shapes)
     return pop, P, refs, tol, named_keys, shapes
 
 
@@ -507,43 +600,24 @@ class _Histories:
         return self.param_ring[torch.tensor(idx, device=self.param_ring.device)]
 
 
-def _log_row(pop: _Population, pred, loss, chain, psis, P, grads, gnorm, gap, lr, h: _Histories) -> torch.Tensor:
+def _log_row(pop: _Population, preds, psis, loss, chain, P, grads, gnorm, gap, lr, h: _Histories) -> torch.Tensor:
     """Every scalar tag for the whole population at one log step: [T, N] on the device.
 
-    pred [N, n, k] and psis are full-batch, in training units; loss, gap [N] as logged.
+    preds and psis: each block's full-batch predictions and psi [B, n, k], in training units; loss,
+    gap [N] as logged.
     """
-    step, N, n = h.step, P.shape[0], pred.shape[1]
-    psi = torch.cat(psis) if len(psis) > 1 else psis[0]  # [N, n, k]
-    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
-    if pop.any_norm:
-        pred_orig = pred * pop.sd[:, :, None] + pop.mu[:, :, None]  # [N, n, k]
-        resid = (pred_orig - pop.y_orig[..., None]).mean(-1)  # [N, n] (averaged over outputs)
-        train_loss = _loss_in_original_units(pop, pred_orig)
-        cover = metrics.coverage(pred_orig[..., 0], pop.y_orig)
-    else:  # original units are the training units: reuse the step's loss
-        e = pred - pop.y3
-        resid = e.mean(-1) if pop.k > 1 else e[..., 0]
-        train_loss = loss
-        cover = metrics.coverage_of_residuals(e[..., 0])
-    # p99 |resid| and the top-1% gradient share from one topk: where |psi| grows with |e| (pop.by_abs_resid),
-    # the largest |psi| sit at the largest |e|, so they are gathered there instead of ranked again.
-    below = metrics.quantile_rank(n, 0.99)[0]
-    top_count = metrics.top_count(n, 0.01)
-    top_resid, where = metrics.largest(resid.abs(), max(n - below, top_count))
-    p99 = metrics.quantile_from_top(top_resid, n, 0.99)
-    if all(pop.by_abs_resid):
-        top_psi = per_sample.gather(1, where[:, :top_count])
-    else:
-        top_psi = torch.cat([per_sample[sl].gather(1, where[sl, :top_count]) if ranked else
-                             metrics.largest(per_sample[sl], top_count)[0]
-                             for (sl, _, _), ranked in zip(pop.groups, pop.by_abs_resid)])
-    total = per_sample.sum(-1)
-    top = metrics.share_of_top(top_psi, total)
-    outlier_share = torch.linalg.vecdot(per_sample, pop.outlier_f) / total.clamp_min(torch.finfo(P.dtype).tiny)
+    step, N = h.step, P.shape[0]
+    dist = torch.cat([_distribution(pop, blk, pred, psi) for blk, pred, psi in zip(pop.blocks, preds, psis)], 1)
+    on_outliers, on_top, total, p99, sum_c2, sum_c4, ahead = dist.unbind(0)
+    total = total.clamp_min(torch.finfo(total.dtype).tiny)
+    outlier_share, top = on_outliers / total, on_top / total
+    kurtosis = metrics.kurtosis_from_sums(sum_c2, sum_c4, preds[0].shape[1])
+    cover = ahead / preds[0].shape[1]
     if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
         has_grad = (chain != 0).to(P.dtype)
         outlier_share, top = outlier_share * has_grad, top * has_grad
-    val_pred = pop.forward(pop.x_val)
+    train_loss = _loss_in_original_units(pop, preds) if pop.any_norm else loss
+    val_pred = pop.forward(pop.named, pop.x_val)
     val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
     if pop.any_norm:
         val_pred = val_pred * pop.sd + pop.mu
@@ -572,11 +646,53 @@ def _log_row(pop: _Population, pred, loss, chain, psis, P, grads, gnorm, gap, lr
         outlier_share,
         top,
         p99,
-        metrics.excess_kurtosis(resid),
+        kurtosis,
         cover,
         *named_now.unbind(1),
     ]
     return torch.stack(rows)
+
+
+def _residuals(pop: _Population, blk: _Block, pred: torch.Tensor) -> torch.Tensor:
+    """Residuals in original units [B, n], averaged over outputs: pred - y."""
+    if pop.any_norm:
+        sl = blk.runs
+        pred = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
+        return (pred - pop.y_orig[sl, :, None]).mean(-1)
+    e = pred - blk.y3
+    return e.mean(-1) if pop.k > 1 else e[..., 0]
+
+
+def _distribution(pop: _Population, blk: _Block, pred, psi) -> torch.Tensor:
+    """Per-run sums over a block's points, [8, B] (per block, so its [B, n] tensors stay in cache):
+    sum |psi| on outliers, sum of the top-1% |psi|, sum |psi|, p99 |resid|, then for the kurtosis the
+    sums of c^2 and c^4 (c = resid - its mean) and for the coverage the count of resid >= 0."""
+    n = pred.shape[1]
+    resid = _residuals(pop, blk, pred)
+    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
+    # One topk serves p99 |resid| and, where |psi| grows with |e|, the top-1% gradient share: the largest
+    # |psi| sit at the largest |e| (normalising scales e by sd > 0, which keeps the order).
+    below, count = metrics.quantile_rank(n, 0.99)[0], metrics.top_count(n, 0.01)
+    top_resid, where = metrics.largest(resid.abs(), max(n - below, count))
+    if blk.by_abs_resid:
+        top_psi = per_sample.gather(1, where[:, :count])
+    else:
+        top_psi, _ = metrics.largest(per_sample, count)
+    c = resid - resid.mean(-1, keepdim=True)
+    c2 = c * c
+    if pop.any_norm:  # the coverage of the original-unit prediction of the first output
+        ahead = pred[..., 0] * pop.sd[blk.runs] + pop.mu[blk.runs] - pop.y_orig[blk.runs]
+    else:
+        ahead = resid if pop.k == 1 else pred[..., 0] - blk.y3[..., 0]
+    return torch.stack([
+        torch.linalg.vecdot(per_sample, pop.outlier_f[blk.runs]),
+        top_psi.sum(-1),
+        per_sample.sum(-1),
+        metrics.quantile_from_top(top_resid, n, 0.99),
+        c2.sum(-1),
+        torch.linalg.vecdot(c2, c2),  # sum of c^4 without a [B, n] tensor of it
+        (ahead.sign() + 1).clamp_(max=1).sum(-1),  # count of ahead >= 0 (see metrics.coverage_of_residuals)
+    ])
 
 
 def _named_now(P, pop: _Population) -> torch.Tensor:
@@ -594,19 +710,21 @@ def _named_now(P, pop: _Population) -> torch.Tensor:
     return P.new_zeros(N, 0)
 
 
-def _loss_in_original_units(pop: _Population, pred_orig):
+def _loss_in_original_units(pop: _Population, preds):
     """The configured loss of the original-unit predictions (equals the training loss without normalisation)."""
-    vals = [spec.fn(pred_orig[sl], pop.y_orig[sl][..., None], **params) for sl, spec, params in pop.groups]
-    m = (torch.cat(vals) if len(vals) > 1 else vals[0]).mean((1, 2))
+    vals = []
+    for blk, pred in zip(pop.blocks, preds):
+        sl = blk.runs
+        pred_orig = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
+        vals.append(blk.spec.fn(pred_orig, pop.y_orig[sl, :, None], **blk.params).mean((1, 2)))
+    m = _join(vals)
     return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
 
 
-def _hists(pop: _Population, step, pred, psis, chain, on_hist, inverse):
+def _hists(pop: _Population, step, preds, psis, chain, on_hist, inverse):
     """Histograms of residuals and per-sample gradient magnitudes (full batch), computed on the device."""
-    resid = (pred * pop.sd[:, :, None] + pop.mu[:, :, None] - pop.y_orig[..., None]).mean(-1) if pop.any_norm \
-        else (pred - pop.y3).mean(-1)
-    psi = torch.cat(psis) if len(psis) > 1 else psis[0]
-    per_sample = psi.abs().sum(-1)
+    resid = _join([_residuals(pop, blk, pred) for blk, pred in zip(pop.blocks, preds)])
+    per_sample = _join([psi.abs().sum(-1) for psi in psis])
     if chain is not None:
         per_sample = per_sample * chain.abs()[:, None]
     for tag, values in (("residual/values", resid), ("grad/per_sample_abs", per_sample)):

@@ -161,6 +161,22 @@ def test_cli_reports_a_bad_study_file_in_one_line(loss_only, capsys):
     assert "did you mean 'penalty_table'" in err
 
 
+def test_claims_output_is_written_atomically(loss_only, tmp_path, monkeypatch):
+    from lab import rundir
+
+    written = []
+    real = rundir.write_atomic
+
+    def spy(path, payload):
+        written.append(Path(path).relative_to(tmp_path / "o").as_posix())
+        real(path, payload)
+
+    monkeypatch.setattr(rundir, "write_atomic", spy)
+    claims.run(out=tmp_path / "o", experiments=loss_only, log=lambda m: None)
+    assert set(written) == {claims.MARKER, "figures/target_practice.png", "figures/gradient_flow.png",
+                            "figures/log_cosh.png", "report.md", "table.md", "claims.json"}
+
+
 def test_threshold_flip_on_a_loss_only_claim(loss_only, tmp_path):
     path = loss_only / "penalty_scaling.toml"
     path.write_text(path.read_text().replace("min = 15.999999\nmax = 16.000001", "min = 3.999999\nmax = 4.000001"))
@@ -213,8 +229,9 @@ def test_check_condition_text():
 
 
 def test_number_format():
-    assert [cm.fmt(x) for x in (3100.4, 12.345, 0.5, 16.0, 0.00012, 123456.0, math.nan, math.inf)] == \
-        ["3100", "12.3", "0.5", "16", "1.20e-04", "1.23e+05", "n/a", "inf"]
+    # lab.rundir.fmt at 3 digits: whole numbers stay whole, so 123456.0 is "123456" and 123456.7 scientific.
+    assert [cm.fmt(x) for x in (3100.4, 12.345, 0.5, 16.0, 0.00012, 123456.0, 123456.7, math.nan, math.inf)] == \
+        ["3100", "12.3", "0.5", "16", "1.20e-04", "123456", "1.23e+05", "n/a", "inf"]
 
 
 def test_spread_counts_non_finite_values():
@@ -248,7 +265,7 @@ CHECK = '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\n'
     (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\n', "needs min or max"),
     (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\nmax = 1.0\n', "min 3 > max 1"),
     (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\nstat = "median"\n', "stat must be one of"),
-    (CLAIM + '[claim.params]\nflor = 1.0\n' + CHECK, "no parameter 'flor' (did you mean 'floor'?)"),
+    (CLAIM + '[claim.params]\nflor = 1.0\n' + CHECK, "no parameter 'flor' (it takes: floor); did you mean 'floor'?"),
     ('loss.nme = "mae"\n' + CLAIM + CHECK, "s.toml: unknown key 'loss.nme'"),
     ('[sweep]\nseed = 3\n' + CLAIM + CHECK, "[sweep] seed must be a non-empty list"),
     ('[sweep]\n"loss.delta,optim.lr" = [0.1, 0.2]\n' + CLAIM + CHECK, "each value must be a list of 2"),
@@ -386,6 +403,100 @@ def test_a_run_that_did_not_complete_measures_as_nan(tmp_path):
     assert math.isnan(cm.steps_to_converge(r))
     r.summary.update(status="completed", steps_to_converge=None)
     assert cm.steps_to_converge(r) == 101  # never converged: censored at steps + 1
+
+
+# A run that did not complete is missing data: the seed's number is NaN whatever the order of the runs, and
+# a claim measured only on such seeds is inconclusive, never 'holds' or 'does not hold'.
+
+
+def test_huber_interpolation_with_a_failed_run_is_nan_for_that_seed(tmp_path):
+    # As test_huber_interpolation_positions, but the delta = 3 run failed: t = 0, 0.5, NaN, 1. Python's
+    # max([0.0, 0.5, nan, nan]) would say 0.0, a backstep-free path measured from half of it.
+    def fit(b):
+        return {"params": {"slope": 2.0, "intercept": b}}
+    base = {"data.kind": "outliers"}
+    runs = [_run(tmp_path, {**base, "loss.name": "mse"}, fit(2.0)), _run(tmp_path, {**base, "loss.name": "mae"}, fit(1.0))]
+    runs += [_run(tmp_path, {**base, "loss.name": "huber", "loss.delta": d}, fit(b))
+             for d, b in ((0.1, 1.0), (1.0, 1.5), (3.0, 1.4), (30.0, 2.0))]
+    runs[4].summary = {"status": "failed", "error": "ValueError: boom"}
+    v = claim_training.huber_interpolation(runs, {}).values
+    assert math.isnan(v["max_backstep"][0])
+    assert v["small_to_mae"] == [0.0] and v["large_to_mse"] == [0.0]  # their inputs all completed
+    assert judge(Check("max_backstep", max=0.2), v["max_backstep"], 0.75)[0] == "inconclusive"
+
+
+@pytest.mark.parametrize("failed_tau", [0.2, 0.8])  # first or last in the max: the answer must not depend on it
+def test_optimum_statistics_with_a_failed_quantile_run_is_nan(tmp_path, failed_tau):
+    ds = data.make("skewed", n=5, seed=0, slope=0.0)
+    ds.y = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0])
+    base = {"model.kind": "constant", "data.kind": "skewed", "data.n": 5}
+    runs = [_run(tmp_path, {**base, "loss.name": "mse"}, {"params": {"value": 3.2}}, ds),
+            _run(tmp_path, {**base, "loss.name": "rmse"}, {"params": {"value": 3.2}}),
+            _run(tmp_path, {**base, "loss.name": "mae"}, {"params": {"value": 2.0}})]
+    runs += [_run(tmp_path, {**base, "loss.name": "quantile", "loss.tau": t}, {"params": {"value": q}})
+             for t, q in ((0.2, 0.0), (0.8, 3.0))]
+    next(r for r in runs if r.config.loss.tau == failed_tau).summary = {"status": "failed"}
+    v = cm.MEASURES["optimum_statistics"].fn(runs, {}).values
+    assert math.isnan(v["quantile_rank_error"][0]) and math.isnan(v["quantile_vs_sample"][0])
+    assert v["mae_rank_error"][0] == pytest.approx(0.1)  # 3 of 5 at or below 2: 0.6 - 0.5; unaffected
+
+
+def _comparison_runs(tmp_path, failed_seeds):
+    """mse and mae, clean and with outliers, seeds 0 and 1; the outlier run of mae fails in failed_seeds.
+    Fitted lines: clean (2, 1); with outliers mse (2, 1.5), mae (2, 1.1): robustness 1 and 0.2."""
+    runs = []
+    for seed in (0, 1):
+        for loss, shifted in (("mse", 1.5), ("mae", 1.1)):
+            for fraction, b in ((0.0, 1.0), (0.1, shifted)):
+                flat = {"data.kind": "outliers", "data.outlier_fraction": fraction, "loss.name": loss, "seed": seed}
+                summary = {"params": {"slope": 2.0, "intercept": b}, "final": {"convergence/gap": 1e-4},
+                           "reference": {"loss": 1.0}}
+                r = _run(tmp_path, flat, summary)
+                if seed in failed_seeds and loss == "mae" and fraction > 0:
+                    r.summary = {"status": "failed", "error": "ValueError: boom"}
+                runs.append(r)
+    return runs
+
+
+# Ratings these runs earn: robustness mse 1 (poor), mae 0.2 (excellent); smoothness by autograd on a 1e-3
+# grid: mse jumps 2e-3 (excellent), mae's sign jumps 1 (poor); convergence 1e-4 (excellent); near zero
+# mse |g| 0.02 / 2 = 0.01 (excellent), mae 1 (poor). The guide below agrees with every cell.
+COMPARISON = {"losses": ["mse", "mae"],
+              "thresholds": {"robustness": [0.5, 0.9], "smoothness": [0.01, 0.5], "convergence": [1e-3, 1e-2],
+                             "near_zero": [0.1, 0.5]},
+              "guide": {"mse": ["poor", "excellent", "excellent", "excellent"],
+                        "mae": ["excellent", "poor", "excellent", "poor"]}}
+
+
+def _comparison_claim(runs):
+    spec = cm.MEASURES["comparison_table"]
+    st = claim_studies.Study(Path("comparison_table.toml"), "11", "t", "g", "m", "comparison_table",
+                             {**spec.defaults, **COMPARISON}, [Check("agreement", min=0.99)], 0.75)
+    return claims.evaluate(st, runs)
+
+
+def test_comparison_table_missing_cells_are_not_mismatches(tmp_path):
+    res = _comparison_claim(_comparison_runs(tmp_path, failed_seeds=()))
+    assert res.values["agreement"] == [1.0, 1.0] and res.values["mismatches"] == [0.0, 0.0]
+    assert res.verdict == "holds"
+    res = _comparison_claim(_comparison_runs(tmp_path, failed_seeds=(1,)))
+    assert res.values["agreement"][0] == 1.0 and math.isnan(res.values["agreement"][1])
+    assert math.isnan(res.values["mismatches"][1])
+    assert res.verdict == "inconclusive"  # 1 of 2 seeds is below agree = 0.75
+
+
+def test_comparison_table_with_failed_runs_in_every_seed_is_inconclusive(tmp_path):
+    # Counting the unmeasured cell as a mismatch gave agreement 7/8 in both seeds: 'does not hold' from no data.
+    res = _comparison_claim(_comparison_runs(tmp_path, failed_seeds=(0, 1)))
+    assert all(math.isnan(v) for v in res.values["agreement"])
+    assert res.checks[0].outcome == "inconclusive" and res.verdict == "inconclusive"
+    assert res.statuses == {"completed": 6, "failed": 2}
+
+
+def test_largest_is_nan_when_any_input_is():
+    assert cm.largest([1.0, 3.0, 2.0]) == 3.0
+    assert math.isnan(cm.largest([1.0, math.nan])) and math.isnan(cm.largest([math.nan, 1.0]))
+    assert math.isnan(cm.largest([])) and cm.largest([], default=0.0) == 0.0
 
 
 def test_comparison_ratings_and_line_shift(tmp_path):

@@ -339,7 +339,7 @@ def test_a_claim_study_sweeps_its_own_grid(tmp_path, capsys):
     # experiments/huber_delta.toml has two [[sweep]] blocks (mse/mae x 10 seeds; huber x 8 (delta, lr) pairs x
     # 10 seeds) and a "loss.delta,optim.lr" key varied together: 20 + 80 runs, each named by what it sweeps.
     study = Path(__file__).resolve().parents[1] / "experiments" / "huber_delta.toml"
-    code, out, err = run_in_process(capsys, "sweep", str(study), "train.steps=5", "train.figures=false",
+    code, _, err = run_in_process(capsys, "sweep", str(study), "train.steps=5", "train.figures=false",
                                     "--runs-dir", str(tmp_path))
     assert code == 0, err
     runs = rundir.find_runs(tmp_path / "huber_delta")
@@ -348,3 +348,54 @@ def test_a_claim_study_sweeps_its_own_grid(tmp_path, capsys):
     assert s["config"]["loss.delta"] == 0.03 and s["config"]["optim.lr"] == 1.6667 and s["config"]["train.steps"] == 5
     code, _, err = run_in_process(capsys, "sweep", str(study), "seed=1,2", "--runs-dir", str(tmp_path))
     assert code == 2 and "claim study" in err
+
+
+@pytest.mark.parametrize("model,params", [("linear", {"slope", "intercept"}), ("constant", {"value"})])
+def test_a_one_element_tau_list_trains_like_a_single_tau(model, params, tiny, tmp_path, capsys):
+    # loss.tau=[0.5] used to give a one-output model named slope_0 while the reference answered slope:
+    # KeyError 'slope' in every run. Now it is the run tau = 0.5.
+    rc, _, err = run_in_process(capsys, "run", tiny, "loss.name=quantile", "loss.tau=[0.5]", f"model.kind={model}",
+                                "--runs-dir", tmp_path)
+    assert rc == 0, err
+    s = rundir.read_summary(tmp_path / "tiny")
+    assert s["status"] == "completed" and set(s["params"]) == params == set(s["reference"]["params"])
+    assert s["config"]["loss.tau"] == 0.5
+
+
+def test_sweep_refuses_a_loss_only_claim_study(tmp_path, capsys):
+    study = ROOT / "experiments" / "penalty_scaling.toml"
+    rc, _, err = run_in_process(capsys, "sweep", study, "--runs-dir", tmp_path / "runs")
+    assert rc == 2
+    line = one_error_line(err)
+    assert "measures the loss functions only" in line and "lab claims" in line
+    assert not (tmp_path / "runs").exists()  # no empty sweep directory
+
+
+def test_sweep_too_large_for_memory_leaves_no_directory(tiny, tmp_path, capsys):
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "data.n=4000000000", "seed=0,1", "--runs-dir", tmp_path / "runs")
+    assert rc == 2 and "too large for memory" in one_error_line(err)
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_sweep_figures_are_written_atomically(tiny, tmp_path, capsys, monkeypatch):
+    written = []
+    real = rundir.write_atomic
+
+    def spy(path, payload):
+        written.append(Path(path).name)
+        real(path, payload)
+
+    monkeypatch.setattr(rundir, "write_atomic", spy)
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "loss.name=mse,mae", "train.figures=true",
+                                "--runs-dir", tmp_path)
+    assert rc == 0, err
+    assert {"final_gap.png", "index.json"} <= set(written)
+    assert json.loads((tmp_path / "tiny" / "figures" / "index.json").read_text())["runs"] == \
+        ["outliers-mse-s0", "outliers-mae-s0"]
+
+
+def test_one_line_summary_formats_like_the_report():
+    s = {"status": "completed", "final": {"loss/train": 0.281234, "convergence/gap": float("nan")},
+         "params": {"slope": 2.0, "intercept": 123456.7}, "steps_to_converge": None}
+    assert cli.one_line_summary(s) == ("completed  loss=0.2812  gap=-  slope=2 intercept=1.235e+05  "
+                                       "steps_to_converge=-")

@@ -61,6 +61,31 @@ def test_tau_takes_a_number_or_a_list():
     assert config.n_outputs(cfg) == 3
 
 
+def test_a_one_element_tau_list_is_that_tau():
+    # One tau gives one model output, named like any single-tau run (slope, not slope_0): the config holds
+    # the float, so n_outputs, run names, the reference solver and the trainer all see the same thing.
+    cfg = config.from_flat({"loss.name": "quantile", "loss.tau": "[0.5]"})
+    assert cfg.loss.tau == 0.5 and isinstance(cfg.loss.tau, float) and config.n_outputs(cfg) == 1
+    assert config.to_flat(cfg)["loss.tau"] == 0.5
+    assert config.from_flat({"loss.name": "expectile", "loss.tau": [0.3]}).loss.tau == 0.3
+
+
+def test_limits_at_their_edges_are_accepted():
+    assert config.from_flat({"train.steps": 100_000_000}).train.steps == 100_000_000
+    assert config.from_flat({"seed": 2**62 - 1}).seed == 2**62 - 1
+    assert config.from_flat({"loss.name": "huber", "loss.delta": 1e-30}).loss.delta == 1e-30
+    assert config.from_flat({"loss.name": "smooth_l1", "loss.beta": 0.0}).loss.beta == 0.0  # exactly L1
+
+
+def test_neutral_keys_are_config_keys():
+    assert set(config.NEUTRAL_KEYS) <= set(config.keys())
+
+
+def test_suggest_names_the_closest_key():
+    assert config.suggest("loss.detla", config.keys()) == "; did you mean 'loss.delta'?"
+    assert config.suggest("zzzz", ["mse", "mae"]) == ""
+
+
 def test_a_toml_file_round_trips_through_the_saved_config(tmp_path):
     cfg, _ = config.load(write(tmp_path, '[loss]\nname = "quantile"\ntau = [0.2, 0.8]\n[model]\nhidden = [8]\n'))
     saved = write(tmp_path, tomli_w.dumps(config.to_dict(cfg)), "saved.toml")
@@ -113,6 +138,14 @@ BAD = [
     ({"dtype": "float16"}, "dtype: must be one of float32, float64"),
     ({"data": 3}, "'data' is a section"),
     ({"train.batch_size": 500}, "larger than data.n"),
+    # Setup costs grow with the steps; data draws seed a generator with 2 * seed + 1, which must fit int64.
+    ({"train.steps": 100_000_001}, "train.steps must be <= 100_000_000"),
+    ({"seed": 2**62}, "seed must be < 2**62"),
+    # Residual scales below 1e-30 make the loss underflow to 0 (float32's smallest normal is 1.2e-38).
+    ({"loss.name": "huber", "loss.delta": 1e-320}, "loss.delta = 1e-320 is below 1e-30"),
+    ({"loss.name": "smooth_l1", "loss.beta": 1e-31}, "loss.beta = 1e-31 is below 1e-30"),
+    ({"loss.name": "cauchy", "loss.scale": 1e-35}, "loss.scale = 1e-35 is below 1e-30"),
+    ({"loss.name": "tukey", "loss.c": 5e-324}, "loss.c = 5e-324 is below 1e-30"),
 ]
 
 

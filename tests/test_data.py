@@ -408,3 +408,46 @@ def test_check_validates_without_drawing():
 def test_non_float_dtype_is_a_type_error():
     with pytest.raises(TypeError, match="dtype"):
         data.make("clean", dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "dtype", "mentions"),
+    [
+        # float32 holds at most 3.4e38: y = 1e300 * (2x + 1 + noise) overflows at every point
+        ("clean", {"target_scale": 1e300}, torch.float32, ["targets are not finite in float32", "target_scale"]),
+        ("clean", {"noise": 1e300}, torch.float32, ["targets are not finite", "noise"]),
+        # t with df = 0.01 has tail P(|t| > x) ~ x^-0.01: beyond 3.4e38 for ~40% of the 50 points (21 at seed 0)
+        ("heavy_tailed", {"df": 0.01}, torch.float32, ["targets are not finite in float32", "raise df"]),
+        ("clean", {"x_range": [-1e300, 1e300]}, torch.float32, ["x are not finite", "x_range"]),
+    ],
+)
+def test_a_draw_that_overflows_the_dtype_names_its_cause(kind, params, dtype, mentions):
+    with pytest.raises(ValueError) as error:
+        data.make(kind, n=50, dtype=dtype, **params)
+    for text in mentions:
+        assert text in str(error.value)
+
+
+def test_large_but_representable_targets_are_fine():
+    ds = data.make("clean", n=50, target_scale=1e30)  # |y| ~ 1e31 < float32's 3.4e38
+    assert bool(torch.isfinite(ds.y).all()) and ds.y.abs().max() > 1e29
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    # A save that fails midway (disk full, killed) leaves the previous file whole and no temporary behind.
+    path = tmp_path / "data.npz"
+    old = data.make("clean", n=20, seed=1)
+    old.save(path)
+    real_savez = np.savez
+
+    def half_then_fail(file, **arrays):
+        real_savez(file, **arrays)
+        file.seek(0)
+        file.truncate(100)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    with pytest.raises(OSError, match="no space"):
+        data.make("clean", n=20, seed=2).save(path)
+    assert torch.equal(data.load(path).y, old.y)
+    assert [p.name for p in tmp_path.iterdir()] == ["data.npz"]

@@ -90,6 +90,55 @@ def test_a_broken_run_is_listed_not_skipped(sweep, capsys):
     assert mse["status"] == "3 completed, 1 broken" and mse["loss"].n == 3
 
 
+def test_a_summary_of_the_wrong_shape_is_listed_as_broken(sweep, capsys):
+    # Well-formed JSON, wrong types: `final` and `swept` are lists, not tables. Listed, never a traceback.
+    (sweep / "odd").mkdir()
+    (sweep / "odd" / "summary.json").write_text('{"status": "completed", "final": [1], "swept": [1]}')
+    assert report.main(args(sweep)) == 0
+    assert report.main(args(sweep, by="loss.name")) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "broken" in lines["odd"] and "'final' is not a table" in lines["odd"]
+
+
+def test_by_groups_on_exact_values_and_shows_them_exactly(tmp_path, capsys):
+    # 0.001 and 0.0010001 agree to 4 significant digits: two groups all the same, shown apart.
+    make_run(tmp_path, "a", "mse", 0, 1.0, 2.0, **{"optim.lr": 0.001})
+    make_run(tmp_path, "b", "mse", 1, 3.0, 2.0, **{"optim.lr": 0.001})
+    make_run(tmp_path, "c", "mse", 0, 5.0, 2.0, **{"optim.lr": 0.0010001})
+    runs = report.load_runs(tmp_path)
+    assert "optim.lr" in report.key_columns(runs)  # it differs, though not in its first 4 digits
+    t = report.aggregate(runs, ["optim.lr"])
+    assert [(r[0], r[1]) for r in t.rows] == [(0.001, 2), (0.0010001, 1)]
+    assert t.rows[0][t.header.index("loss")].mean == 2.0 and t.rows[1][t.header.index("loss")].mean == 5.0
+    assert report.main(args(tmp_path, by="optim.lr")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[2:]] == ["0.001", "0.0010001"]
+
+
+def test_by_averages_completed_runs_only_and_says_how_many(tmp_path, capsys):
+    # Seed 0 completed (loss 0.28, slope 2); seed 1 diverged, its summary holding the last finite numbers
+    # (loss 1e6, slope 50); seed 2 failed with nothing. Only the completed run makes the means: 0.28 over
+    # 1 of 3 runs, and the cell says so.
+    make_run(tmp_path, "s0", "mse", 0, 0.28, 2.0, 10)
+    make_run(tmp_path, "s1", "mse", 1, 1e6, 50.0, None, status="diverged")
+    make_run(tmp_path, "s2", "mse", 2, None, None, None, status="failed")
+    t = report.aggregate(report.load_runs(tmp_path), ["loss.name"])
+    (row,) = [dict(zip(t.header, r)) for r in t.rows]
+    assert row["status"] == "1 completed, 1 diverged, 1 failed" and row["runs"] == 3
+    assert (row["loss"].mean, row["loss"].n, row["loss"].of) == (0.28, 1, 3)
+    assert row["slope"].mean == 2.0 and str(row["slope"]) == "2 (n=1/3)"
+    assert str(row["conv_step"]) == "10" and row["converged"] == "1/3"  # conv_step: `converged` counts
+    assert report.main(args(tmp_path, by="loss.name", csv=tmp_path / "t.csv")) == 0
+    assert "0.28 (n=1/3)" in capsys.readouterr().out
+    (saved,) = csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text()))
+    assert saved["loss_mean"] == "0.28" and saved["loss_n"] == "1"
+
+
+def test_a_full_group_shows_no_count(sweep):
+    t = report.aggregate(report.load_runs(sweep), ["loss.name"])
+    assert str(dict(zip(t.header, t.rows[1]))["loss"]) == "2 ± 1"  # mse: 3 of 3 runs
+
+
 def test_keys_that_differ_are_columns_even_when_not_swept(tmp_path):
     make_run(tmp_path, "a", "huber", 0, 1.0, 2.0, **{"loss.delta": 0.5})
     make_run(tmp_path, "b", "huber", 0, 1.0, 2.0, **{"loss.delta": 2.0})

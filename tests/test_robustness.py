@@ -26,7 +26,7 @@ FAST = ["train.steps=30", "data.n=32", "data.n_val=16", "train.figures=false", "
 
 
 def lab(*args, timeout=120, **kw):
-    return subprocess.run([*LAB, *args], capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run([*LAB, *args], check=False, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def toml(tmp_path, text, name="c.toml"):
@@ -92,7 +92,7 @@ def test_interrupted_sweep_keeps_finished_runs_and_resume_completes_the_rest(tmp
         else:
             pytest.fail("the long run never logged")
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
@@ -138,6 +138,8 @@ BAD = [
     ("", ["name=../escape"], "name"),
     ("", ["optim.name=rmsprop"], "optim.name"),
     ("", ["model.hidden=[0]", "model.kind=mlp"], "hidden"),
+    ("", ["seed=4611686018427387904"], "seed must be < 2**62"),  # 2**62: the data draw seeds 2 * seed + 1
+    ("", ["loss.name=huber", "loss.delta=1e-320"], "loss.delta"),  # would underflow to 'instant convergence'
 ]
 
 

@@ -64,8 +64,15 @@ def test_nan_is_written_as_null(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["gap"] is None
 
 
-@pytest.mark.parametrize("content,error", [(None, "missing"), ('{"status": "compl', "unreadable"),
-                                           ("[1, 2]", "unreadable"), ('{"final": {}}', "unreadable")])
+@pytest.mark.parametrize("content,error", [
+    (None, "missing"), ('{"status": "compl', "unreadable"), ("[1, 2]", "unreadable"), ('{"final": {}}', "no status"),
+    ('{"status": 3}', "no status"),
+    # Well-formed JSON of the wrong shape: readers index these fields as tables.
+    ('{"status": "completed", "final": [1], "swept": [1]}', "'final' is not a table"),
+    ('{"status": "completed", "params": "slope"}', "'params' is not a table"),
+    ('{"status": "completed", "config": 3}', "'config' is not a table"),
+    ('{"status": "completed", "reference": [0.5]}', "'reference' is not a table"),
+])
 def test_broken_summaries_read_as_broken(tmp_path, content, error):
     if content is not None:
         (tmp_path / "summary.json").write_text(content)
@@ -100,3 +107,34 @@ def test_file_in_the_way_is_detected(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         rundir.check_writable(tmp_path / "file" / "runs")
+
+
+def test_a_summary_with_null_tables_is_not_broken(tmp_path):
+    # A failed run's summary has no params/final; null for them is as good as absent.
+    (tmp_path / "summary.json").write_text('{"status": "failed", "final": null, "params": {}}')
+    assert rundir.read_summary(tmp_path)["status"] == "failed"
+
+
+def test_jsonable_is_what_summary_json_stores():
+    assert rundir.jsonable({"a": (1, 2.5), "b": [float("-inf"), float("nan")], "c": "x"}) == \
+        {"a": [1, 2.5], "b": [None, None], "c": "x"}
+
+
+@pytest.mark.parametrize("value,digits,missing,text", [
+    (0.28123, 4, "-", "0.2812"),      # 4 significant digits
+    (1234.56, 4, "-", "1235"),        # from 10**(digits-1): whole numbers
+    (12345.6, 4, "-", "12346"),
+    (123456.7, 4, "-", "1.235e+05"),  # from 1e5: scientific
+    (0.00012, 3, "n/a", "1.20e-04"),  # below 1e-3: scientific
+    (150000.0, 4, "-", "150000"),     # whole numbers stay whole (steps to converge)
+    (3100.4, 3, "n/a", "3100"),
+    (12.345, 3, "n/a", "12.3"),
+    (7, 4, "-", "7"),
+    (None, 4, "-", "-"),
+    (float("nan"), 3, "n/a", "n/a"),
+    (float("-inf"), 4, "-", "-inf"),
+    (True, 4, "-", "true"),
+    ("mse", 4, "-", "mse"),
+])
+def test_fmt_worked_values(value, digits, missing, text):
+    assert rundir.fmt(value, digits, missing) == text

@@ -174,3 +174,55 @@ def test_every_tag_is_logged_and_finite_on_clean_data():
         if tag != "grad/outlier_share":
             assert np.isfinite(series(blocks, tag)[1]).all(), tag
     assert set(res.final) == set(blocks[0].tags)
+
+
+@pytest.mark.parametrize("loss,kind", [("mse", "outliers"), ("mae", "heavy_tailed"), ("huber", "outliers"),
+                                       ("log_cosh", "skewed"), ("quantile", "clean")])
+def test_every_tag_equals_the_usual_per_run_computation(loss, kind, tmp_path):
+    # Reference: lab.bench.baseline_run, the ordinary loop (nn.Linear, the loss module, torch.optim.SGD,
+    # autograd, loss.item() windows in deques, torch.quantile, (y <= pred).mean()) on the same float64
+    # data from the same start. Every logged tag of the last row must agree to float64 rounding.
+    from lab import bench
+
+    c = cfg(**{"loss.name": loss, "data.kind": kind, "data.n": 150, "train.steps": 120, "train.log_every": 10,
+               "train.window": 20, "optim.lr": 0.05, "train.hist_every": 0})
+    ds = data.make(c.data.kind, seed=c.seed, dtype=torch.float64, **config.data_params(c.data))
+    (res,) = trainer.train([c], [ds])
+    usual = bench.baseline_run(c, ds, tmp_path)
+    assert set(usual["final"]) == set(res.final)
+    for tag, value in usual["final"].items():
+        assert res.final[tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+    assert res.steps_to_converge == usual["steps_to_converge"]
+
+
+def test_logging_off_computes_only_the_final_row():
+    # train.log_every = 0 (the benchmark's "logging off"): no callbacks, the same parameters, and the
+    # summary's final values equal those of the last row of a logged run.
+    import dataclasses
+
+    c = cfg(**{"loss.name": "huber", "data.kind": "outliers", "data.n": 80, "train.steps": 150})
+    off = dataclasses.replace(c, train=dataclasses.replace(c.train, log_every=0))
+    calls = []
+    (logged,), _, _ = train([c])
+    (quiet,), _, _ = train([off], on_hist=calls.append)
+    assert calls == []
+    assert quiet.params == logged.params
+    assert quiet.steps_to_converge == logged.steps_to_converge
+    for tag, value in logged.final.items():
+        assert quiet.final[tag] == pytest.approx(value, rel=1e-12, abs=1e-15, nan_ok=True), tag
+
+
+def test_blocks_of_runs_do_not_change_any_number(monkeypatch):
+    # Runs are processed in cache-sized blocks; one run per block must give the same numbers as one
+    # block per loss (float64, 1e-12), in the parameters and in every logged value.
+    flats = [{"loss.name": "mae", "seed": s} for s in range(3)] + [{"loss.name": "quantile", "loss.tau": 0.3 + 0.2 * s,
+                                                                    "seed": s} for s in range(3)]
+    cfgs = [cfg(**{"data.kind": "outliers", "data.n": 64, "train.steps": 60, **f}) for f in flats]
+    big, _, blocks_big = train(cfgs)
+    monkeypatch.setattr(trainer, "_BLOCK_ELEMENTS", 64)  # one run per block
+    small, _, blocks_small = train(cfgs)
+    for a, b in zip(big, small):
+        assert a.params == pytest.approx(b.params, abs=1e-12)
+    v_big = np.concatenate([b.values for b in blocks_big])
+    v_small = np.concatenate([b.values for b in blocks_small])
+    assert np.allclose(v_big, v_small, rtol=1e-12, atol=1e-15, equal_nan=True)
