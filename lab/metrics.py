@@ -4,15 +4,21 @@ Each function takes stacked tensors ([runs, ...], or [rows, runs, ...] for a his
 one value per run ([runs]), so the trainer evaluates them for a whole population at once without a
 host synchronisation. They are pure: the trainer owns the histories, these functions only read them.
 
+`population_row` assembles every tag of every run of a lab.trainer population at one log step, block
+by block (a block: runs that share a loss, few enough that their [runs, n] tensors stay in cache).
+
 Cost matters here: a study logs every tag of every run every `log_every` steps, so a metric that
 sorts (torch.quantile sorts each row, ~20 ns per element on a CPU) would cost more than the training
-step it describes. The order statistics below use `topk` on the few largest values instead, and
-powers are written as products (x**4 is a slow pow kernel; (x*x)*(x*x) is two multiplies).
+step it describes. The order statistics below use `topk` on the few largest values instead (one
+topk serves both p99 |residual| and the top-1% gradient share where |psi| grows with |e|), sums
+are taken per block and turned into shares and moments once per row, and c^4 is summed as a dot
+product of c^2 with itself (a pow kernel and a [runs, n] temporary saved).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -184,3 +190,162 @@ def steps_to_converge(last_above: int, final_gap: float, tol: float) -> int | No
     if not final_gap <= tol:
         return None
     return last_above + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# A population's log row: every tag above for every run of a lab.trainer population, on the device.
+
+
+@dataclass
+class Histories:
+    """The recent per-step values a log row at `step` reads (ring buffers, oldest row overwritten)."""
+
+    step: int
+    window: int
+    ring: int
+    loss_ring: torch.Tensor  # [window, N]
+    param_ring: torch.Tensor | None  # [ring, N, P]
+    flip_ring: torch.Tensor | None  # [window, N] (models too large for param_ring)
+
+    def params(self, count: int) -> torch.Tensor:
+        """Parameters of the last `count` steps up to `step`, oldest first: [count, N, P]."""
+        count = min(count, self.step + 1)
+        steps = torch.arange(self.step - count + 1, self.step + 1, device=self.param_ring.device)
+        return self.param_ring[steps % self.ring]  # ring rows in step order, indexed on the device
+
+
+def population_row(pop, preds, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> torch.Tensor:
+    """Every scalar tag (SCALAR_TAGS, then param/<name>) for a whole population at one log step: [T, N].
+
+    pop: the trainer's population (its blocks of runs, data and parameter views); preds and psis: each
+    block's full-batch predictions and psi [B, n, k], in training units; loss, gap, lr [N] as logged;
+    grads [N, P] (gnorm: their pre-clip norm when clipped); h: the recent per-step histories.
+    """
+    step, N = h.step, P.shape[0]
+    dist = torch.cat([_block_sums(pop, blk, pred, psi) for blk, pred, psi in zip(pop.blocks, preds, psis)], 1)
+    on_outliers, on_top, total, p99, sum_c2, sum_c4, ahead = dist.unbind(0)
+    total = total.clamp_min(torch.finfo(total.dtype).tiny)
+    outlier_share, top = on_outliers / total, on_top / total
+    kurtosis = kurtosis_from_sums(sum_c2, sum_c4, preds[0].shape[1])
+    cover = ahead / preds[0].shape[1]
+    if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
+        has_grad = (chain != 0).to(P.dtype)
+        outlier_share, top = outlier_share * has_grad, top * has_grad
+    train_loss = _loss_in_original_units(pop, preds) if pop.any_norm else loss
+    val_pred = pop.forward(pop.named, pop.x_val)
+    val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
+    if pop.any_norm:
+        val_pred = val_pred * pop.sd + pop.mu
+    val_err = val_pred - pop.signal_val
+    named_now = _named_now(P, pop)
+    loss_window = h.loss_ring[:min(step + 1, h.window)]  # the rows of the last `window` steps, in ring order
+    if h.param_ring is not None:
+        flip = flip_rate(h.params(h.window + 2), min(step, h.window))
+        amplitude = param_amplitude(h.params(h.window))
+    else:
+        flip = h.flip_ring.sum(0) / max(min(step, h.window), 1)
+        amplitude = torch.full((N,), float("nan"), dtype=P.dtype, device=P.device)
+    rows = [
+        train_loss,
+        torch.linalg.vecdot(val_err, val_err) / val_err.shape[1],
+        val_err.abs().sum(-1) / val_err.shape[1],
+        lr,
+        gap,
+        torch.linalg.vector_norm(named_now - pop.true_params, dim=-1),
+        torch.linalg.vector_norm(named_now - pop.ref_params, dim=-1),
+        flip,
+        relative_amplitude(loss_window),
+        amplitude,
+        torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm,
+        grads.abs().amax(-1),
+        outlier_share,
+        top,
+        p99,
+        kurtosis,
+        cover,
+        *named_now.unbind(1),
+    ]
+    return torch.stack(rows)
+
+
+def _residuals(pop, blk, pred: torch.Tensor) -> torch.Tensor:
+    """Residuals in original units [B, n], averaged over outputs: pred - y."""
+    if pop.any_norm:
+        sl = blk.runs
+        pred = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
+        return (pred - pop.y_orig[sl, :, None]).mean(-1)
+    e = pred - blk.y3
+    return e.mean(-1) if pop.k > 1 else e[..., 0]
+
+
+def _block_sums(pop, blk, pred, psi) -> torch.Tensor:
+    """Per-run sums over a block's points, [8, B] (per block, so its [B, n] tensors stay in cache):
+    sum |psi| on outliers, sum of the top-1% |psi|, sum |psi|, p99 |resid|, then for the kurtosis the
+    sums of c^2 and c^4 (c = resid - its mean) and for the coverage the count of resid >= 0."""
+    n = pred.shape[1]
+    resid = _residuals(pop, blk, pred)
+    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
+    # One topk serves p99 |resid| and, where |psi| grows with |e|, the top-1% gradient share: the largest
+    # |psi| sit at the largest |e| (normalising scales e by sd > 0, which keeps the order).
+    below, count = quantile_rank(n, 0.99)[0], top_count(n, 0.01)
+    top_resid, where = largest(resid.abs(), max(n - below, count))
+    if blk.by_abs_resid:
+        top_psi = per_sample.gather(1, where[:, :count])
+    else:
+        top_psi, _ = largest(per_sample, count)
+    c = resid - resid.mean(-1, keepdim=True)
+    c2 = c * c
+    if pop.any_norm:  # the coverage of the original-unit prediction of the first output
+        ahead = pred[..., 0] * pop.sd[blk.runs] + pop.mu[blk.runs] - pop.y_orig[blk.runs]
+    else:
+        ahead = resid if pop.k == 1 else pred[..., 0] - blk.y3[..., 0]
+    return torch.stack([
+        torch.linalg.vecdot(per_sample, pop.outlier_f[blk.runs]),
+        top_psi.sum(-1),
+        per_sample.sum(-1),
+        quantile_from_top(top_resid, n, 0.99),
+        c2.sum(-1),
+        torch.linalg.vecdot(c2, c2),  # sum of c^4 without a [B, n] tensor of it
+        (ahead.sign() + 1).clamp_(max=1).sum(-1),  # count of ahead >= 0 (see coverage_of_residuals)
+    ])
+
+
+def _named_now(P, pop) -> torch.Tensor:
+    """Named parameters of every run in original units, [N, len(named_keys)]."""
+    N, k, named = P.shape[0], pop.k, pop.named
+    if pop.model.kind == "linear":
+        w, b = named["weight"].reshape(N, k), named["bias"].reshape(N, k)
+        if not pop.any_norm:
+            return torch.stack([w, b], -1).reshape(N, 2 * k)
+        sd, mu = pop.sd, pop.mu
+        return torch.stack([w * sd, b * sd + mu], -1).reshape(N, 2 * k)
+    if pop.model.kind == "constant":
+        value = named["value"].reshape(N, k)
+        return value * pop.sd + pop.mu if pop.any_norm else value.clone()
+    return P.new_zeros(N, 0)
+
+
+def _loss_in_original_units(pop, preds):
+    """The configured loss of the original-unit predictions (equals the training loss without normalisation)."""
+    vals = []
+    for blk, pred in zip(pop.blocks, preds):
+        sl = blk.runs
+        pred_orig = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
+        vals.append(blk.spec.fn(pred_orig, pop.y_orig[sl, :, None], **blk.params).mean((1, 2)))
+    m = _cat(vals)
+    return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
+
+
+def population_histograms(pop, step, preds, psis, chain, on_hist, inverse):
+    """Histograms of residuals and per-sample gradient magnitudes (full batch), computed on the device."""
+    resid = _cat([_residuals(pop, blk, pred) for blk, pred in zip(pop.blocks, preds)])
+    per_sample = _cat([psi.abs().sum(-1) for psi in psis])
+    if chain is not None:
+        per_sample = per_sample * chain.abs()[:, None]
+    for tag, values in (("residual/values", resid), ("grad/per_sample_abs", per_sample)):
+        counts, lo, hi = histogram(values)
+        on_hist(step, tag, counts.cpu().numpy()[inverse], lo.cpu().numpy()[inverse], hi.cpu().numpy()[inverse])
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -11,12 +11,14 @@ is a handful of fused tensor ops instead of an autograd graph. Runs with differe
 out contiguously by loss; each group computes its loss, psi and its share of the gradient on its own
 slice, and only the [N, P] gradients are joined before the one shared update.
 
-What a step costs (a 200-run study on a 2-core CPU, see lab/bench.py): the [N, n] tensor ops of the
-loss groups dominate, so everything else is kept off the per-step path: the linear model's forward
-and vjp are elementwise (x * w + b, sum(psi * x)) instead of batched matmuls with 1x1 matrices; the
-parameters are updated in place (the named views stay valid); the oscillation metrics read a short
-history of parameters and losses written once per step instead of being computed every step; and the
-scalar metrics are computed only at log steps.
+What a step costs (a 200-run study on a 2-core CPU, see lab/bench.py): ~140 tensor ops, ~1.2 ms. The
+[runs, n] ops of the loss blocks dominate (the per-step loss value alone is half of it), so everything
+else is kept off the per-step path: runs are processed in cache-sized blocks (`_BLOCK_ELEMENTS`); the
+linear model's forward and vjp are elementwise (x * w + b, sum(psi * x)) instead of batched matmuls
+with 1x1 matrices (1.6 ms -> 0.04 ms for 200 runs); the parameters are updated in place (the views
+stay valid); the oscillation metrics read short histories of parameters and losses written once per
+step (one copy each) instead of being computed every step; and the scalar tags are computed only at
+log steps (lab.metrics.population_row).
 
 Nothing in the loop forces a host-device sync: metrics are computed on the device into a buffer that
 is copied out every `flush_every` log steps and handed to the `on_log` / `on_hist` callbacks.
@@ -47,10 +49,11 @@ _TRACK_PARAMS = 64
 # Losses whose |psi(e)| is a non-decreasing function of |e|: their largest per-sample gradients sit at
 # their largest residuals, so the log row ranks residuals once for both p99 |e| and the top-1% share.
 _BY_ABS_RESID = frozenset({"mse", "rmse", "mae", "huber", "smooth_l1", "log_cosh", "pseudo_huber"})
-# Runs are processed in blocks of at most this many [run, point] values (256 KiB of float32): a block's
-# tensors stay in a core's cache through the ~30 elementwise ops of a step. One op over a whole large
-# population would stream every tensor through main memory (10 000 runs: 3x slower per value).
-_BLOCK_ELEMENTS = 1 << 16
+# Runs are processed in blocks of at most this many [run, point] values (512 KiB of float32): a block's
+# tensors stay in cache through the ~30 elementwise ops of a step, where one op over a whole large
+# population streams every tensor through main memory. Measured on 10 000 runs x 1000 points, 100
+# steps (2-core EPYC, 1 MiB L2): 2^14 values 11.6 s, 2^16 7.6 s, 2^17 7.0 s, 2^19 8.9 s, no blocks 12.8 s.
+_BLOCK_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -403,11 +406,13 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                     m_full, _, preds, psis = pop.terms()
                     loss, chain = pop.chain(m_full)
                     gap = loss - pop.ref_loss
-                history = _Histories(step, window, ring, loss_ring, param_ring if track_params else None, flip_ring)
-                pending.append(_log_row(pop, preds, psis, loss, chain, P, grads, gnorm, gap, lr_now, history))
+                history = metrics.Histories(step, window, ring, loss_ring, param_ring if track_params else None,
+                                            flip_ring)
+                pending.append(metrics.population_row(pop, preds, psis, loss, chain, P, grads, gnorm, gap, lr_now,
+                                                      history))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
-                    _hists(pop, step, preds, psis, chain, on_hist, inverse)
+                    metrics.population_histograms(pop, step, preds, psis, chain, on_hist, inverse)
                 if len(pending) >= flush_every:
                     flush()
                     if should_stop and should_stop():
@@ -580,153 +585,3 @@ def _references(cfgs, datasets, model_kind, mu, sd) -> list:
         for i, r in zip(idx, solved):
             out[i] = r
     return out
-
-
-@dataclass
-class _Histories:
-    """The recent per-step values a log row at `step` reads (ring buffers, oldest row overwritten)."""
-
-    step: int
-    window: int
-    ring: int
-    loss_ring: torch.Tensor  # [window, N]
-    param_ring: torch.Tensor | None  # [ring, N, P]
-    flip_ring: torch.Tensor | None  # [window, N] (models too large for param_ring)
-
-    def params(self, count: int) -> torch.Tensor:
-        """Parameters of the last `count` steps up to `step`, oldest first: [count, N, P]."""
-        count = min(count, self.step + 1)
-        idx = [(self.step - count + 1 + j) % self.ring for j in range(count)]
-        return self.param_ring[torch.tensor(idx, device=self.param_ring.device)]
-
-
-def _log_row(pop: _Population, preds, psis, loss, chain, P, grads, gnorm, gap, lr, h: _Histories) -> torch.Tensor:
-    """Every scalar tag for the whole population at one log step: [T, N] on the device.
-
-    preds and psis: each block's full-batch predictions and psi [B, n, k], in training units; loss,
-    gap [N] as logged.
-    """
-    step, N = h.step, P.shape[0]
-    dist = torch.cat([_distribution(pop, blk, pred, psi) for blk, pred, psi in zip(pop.blocks, preds, psis)], 1)
-    on_outliers, on_top, total, p99, sum_c2, sum_c4, ahead = dist.unbind(0)
-    total = total.clamp_min(torch.finfo(total.dtype).tiny)
-    outlier_share, top = on_outliers / total, on_top / total
-    kurtosis = metrics.kurtosis_from_sums(sum_c2, sum_c4, preds[0].shape[1])
-    cover = ahead / preds[0].shape[1]
-    if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
-        has_grad = (chain != 0).to(P.dtype)
-        outlier_share, top = outlier_share * has_grad, top * has_grad
-    train_loss = _loss_in_original_units(pop, preds) if pop.any_norm else loss
-    val_pred = pop.forward(pop.named, pop.x_val)
-    val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
-    if pop.any_norm:
-        val_pred = val_pred * pop.sd + pop.mu
-    val_err = val_pred - pop.signal_val
-    named_now = _named_now(P, pop)
-    loss_window = h.loss_ring[:min(step + 1, h.window)]  # the rows of the last `window` steps, in ring order
-    if h.param_ring is not None:
-        flip = metrics.flip_rate(h.params(h.window + 2), min(step, h.window))
-        amplitude = metrics.param_amplitude(h.params(h.window))
-    else:
-        flip = h.flip_ring.sum(0) / max(min(step, h.window), 1)
-        amplitude = torch.full((N,), float("nan"), dtype=P.dtype, device=P.device)
-    rows = [
-        train_loss,
-        torch.linalg.vecdot(val_err, val_err) / val_err.shape[1],
-        val_err.abs().sum(-1) / val_err.shape[1],
-        lr,
-        gap,
-        torch.linalg.vector_norm(named_now - pop.true_params, dim=-1),
-        torch.linalg.vector_norm(named_now - pop.ref_params, dim=-1),
-        flip,
-        metrics.relative_amplitude(loss_window),
-        amplitude,
-        torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm,
-        grads.abs().amax(-1),
-        outlier_share,
-        top,
-        p99,
-        kurtosis,
-        cover,
-        *named_now.unbind(1),
-    ]
-    return torch.stack(rows)
-
-
-def _residuals(pop: _Population, blk: _Block, pred: torch.Tensor) -> torch.Tensor:
-    """Residuals in original units [B, n], averaged over outputs: pred - y."""
-    if pop.any_norm:
-        sl = blk.runs
-        pred = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
-        return (pred - pop.y_orig[sl, :, None]).mean(-1)
-    e = pred - blk.y3
-    return e.mean(-1) if pop.k > 1 else e[..., 0]
-
-
-def _distribution(pop: _Population, blk: _Block, pred, psi) -> torch.Tensor:
-    """Per-run sums over a block's points, [8, B] (per block, so its [B, n] tensors stay in cache):
-    sum |psi| on outliers, sum of the top-1% |psi|, sum |psi|, p99 |resid|, then for the kurtosis the
-    sums of c^2 and c^4 (c = resid - its mean) and for the coverage the count of resid >= 0."""
-    n = pred.shape[1]
-    resid = _residuals(pop, blk, pred)
-    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
-    # One topk serves p99 |resid| and, where |psi| grows with |e|, the top-1% gradient share: the largest
-    # |psi| sit at the largest |e| (normalising scales e by sd > 0, which keeps the order).
-    below, count = metrics.quantile_rank(n, 0.99)[0], metrics.top_count(n, 0.01)
-    top_resid, where = metrics.largest(resid.abs(), max(n - below, count))
-    if blk.by_abs_resid:
-        top_psi = per_sample.gather(1, where[:, :count])
-    else:
-        top_psi, _ = metrics.largest(per_sample, count)
-    c = resid - resid.mean(-1, keepdim=True)
-    c2 = c * c
-    if pop.any_norm:  # the coverage of the original-unit prediction of the first output
-        ahead = pred[..., 0] * pop.sd[blk.runs] + pop.mu[blk.runs] - pop.y_orig[blk.runs]
-    else:
-        ahead = resid if pop.k == 1 else pred[..., 0] - blk.y3[..., 0]
-    return torch.stack([
-        torch.linalg.vecdot(per_sample, pop.outlier_f[blk.runs]),
-        top_psi.sum(-1),
-        per_sample.sum(-1),
-        metrics.quantile_from_top(top_resid, n, 0.99),
-        c2.sum(-1),
-        torch.linalg.vecdot(c2, c2),  # sum of c^4 without a [B, n] tensor of it
-        (ahead.sign() + 1).clamp_(max=1).sum(-1),  # count of ahead >= 0 (see metrics.coverage_of_residuals)
-    ])
-
-
-def _named_now(P, pop: _Population) -> torch.Tensor:
-    """Named parameters of every run in original units, [N, len(named_keys)]."""
-    N, k, named = P.shape[0], pop.k, pop.named
-    if pop.model.kind == "linear":
-        w, b = named["weight"].reshape(N, k), named["bias"].reshape(N, k)
-        if not pop.any_norm:
-            return torch.stack([w, b], -1).reshape(N, 2 * k)
-        sd, mu = pop.sd, pop.mu
-        return torch.stack([w * sd, b * sd + mu], -1).reshape(N, 2 * k)
-    if pop.model.kind == "constant":
-        value = named["value"].reshape(N, k)
-        return value * pop.sd + pop.mu if pop.any_norm else value.clone()
-    return P.new_zeros(N, 0)
-
-
-def _loss_in_original_units(pop: _Population, preds):
-    """The configured loss of the original-unit predictions (equals the training loss without normalisation)."""
-    vals = []
-    for blk, pred in zip(pop.blocks, preds):
-        sl = blk.runs
-        pred_orig = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
-        vals.append(blk.spec.fn(pred_orig, pop.y_orig[sl, :, None], **blk.params).mean((1, 2)))
-    m = _join(vals)
-    return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
-
-
-def _hists(pop: _Population, step, preds, psis, chain, on_hist, inverse):
-    """Histograms of residuals and per-sample gradient magnitudes (full batch), computed on the device."""
-    resid = _join([_residuals(pop, blk, pred) for blk, pred in zip(pop.blocks, preds)])
-    per_sample = _join([psi.abs().sum(-1) for psi in psis])
-    if chain is not None:
-        per_sample = per_sample * chain.abs()[:, None]
-    for tag, values in (("residual/values", resid), ("grad/per_sample_abs", per_sample)):
-        counts, lo, hi = metrics.histogram(values)
-        on_hist(step, tag, counts.cpu().numpy()[inverse], lo.cpu().numpy()[inverse], hi.cpu().numpy()[inverse])
