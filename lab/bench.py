@@ -393,8 +393,14 @@ def markdown(fig: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr and exit code 2, not argparse's usage block
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench.json", help="write the figures here as JSON (default: bench.json)")
     p.add_argument("--markdown", help="also write the figures as a Markdown table")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -421,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --seeds, --steps, --baseline-runs and --repeats must be >= 1, --scale-runs >= 0",
               file=sys.stderr)
         return 2
+    for path in filter(None, (args.out, args.markdown)):  # fail now, not after minutes of measuring
+        parent = Path(path).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            print(f"error: cannot write {path}: {parent} is not a writable directory", file=sys.stderr)
+            return 2
     if args.threads:
         import torch
 

@@ -50,14 +50,17 @@ def flip_rate(history: torch.Tensor, rows: int) -> torch.Tensor:
 
     history: [m, runs, P], consecutive parameter vectors theta_t0 .. theta_s; the updates are
     u_t = theta_{t+1} - theta_t and a reversal at step t is u_t * u_{t-1} < 0 (strictly: a zero update
-    reverses nothing). rows: how many steps the rate averages over (the window, or fewer early on);
+    reverses nothing, nor does an update no larger than 4 ulps of the parameter). rows: how many steps the rate averages over (the window, or fewer early on);
     reversals before the history's first pair count as 0 (the first update has no predecessor).
     Near 0: updates keep their direction (smooth descent). Near 1: every step undoes the last (oscillation).
     """
     if history.shape[0] < 3:
         return history.new_zeros(history.shape[1])
     u = history[1:] - history[:-1]  # [m-1, runs, P]
-    flips = (u[1:] * u[:-1] < 0).sum(-1).sum(0)  # reversals per run, summed over steps and parameters
+    # An update of rounding size (a converged run in float32) reverses at random: it is not oscillation.
+    noise = 4 * torch.finfo(history.dtype).eps * history.abs().amax(0)  # [runs, P]
+    big = u.abs() > noise
+    flips = ((u[1:] * u[:-1] < 0) & big[1:] & big[:-1]).sum(-1).sum(0)  # reversals per run, over steps and params
     return flips.to(history.dtype) / (max(rows, 1) * history.shape[-1])
 
 

@@ -226,3 +226,65 @@ def test_blocks_of_runs_do_not_change_any_number(monkeypatch):
     v_big = np.concatenate([b.values for b in blocks_big])
     v_small = np.concatenate([b.values for b in blocks_small])
     assert np.allclose(v_big, v_small, rtol=1e-12, atol=1e-15, equal_nan=True)
+
+
+def _least_squares_loss(x, y):
+    """The optimal MSE of a line through (x, y), from numpy's least squares."""
+    A = np.stack([x, np.ones_like(x)], 1)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    return np.mean((A @ coef - y) ** 2)
+
+
+def test_steps_to_converge_matches_an_independent_gradient_descent():
+    c = cfg(**{"data.n": 100, "train.steps": 300, "optim.lr": 0.1})
+    (res,), (ds,), _ = train([c])
+    from lab import models
+
+    theta = models.make("linear").init(trainer.init_seed(c.seed), dtype=torch.float64)
+    w, b = theta["weight"].item(), theta["bias"].item()
+    x, y = ds.x[:, 0].double().numpy(), ds.y.double().numpy()
+    # Independent numpy replica of full-batch GD on MSE; the lab's rule: the first step after which the gap
+    # stays <= 1e-3 * the optimal loss.
+    best = _least_squares_loss(x, y)
+    last_above = -1
+    for step in range(301):
+        r = w * x + b - y
+        if not np.mean(r**2) - best <= 1e-3 * best:
+            last_above = step
+        w, b = w - 0.1 * np.mean(2 * r * x), b - 0.1 * np.mean(2 * r)
+    assert res.steps_to_converge == last_above + 1
+
+
+def test_minibatch_convergence_is_judged_on_the_full_training_set():
+    # Minibatch losses scatter around the optimum by far more than the tolerance; the full-data gap does
+    # not. With a decaying rate the run converges, and the step is a log step.
+    c = cfg(**{"data.n": 200, "train.batch_size": 50, "train.steps": 800, "train.log_every": 10,
+               "optim.lr": 0.1, "optim.schedule": "exponential", "optim.gamma": 0.01})
+    (res,), _, blocks = train([c])
+    steps, gaps = series(blocks, "convergence/gap")
+    assert res.steps_to_converge is not None and res.steps_to_converge < 800
+    tol = 1e-3 * res.reference["loss"]
+    after = steps >= res.steps_to_converge
+    assert (gaps[after] <= tol).all() and gaps[~after][-1] > tol
+    assert res.steps_to_converge % 10 == 1  # the step after a log step where the gap was last above
+
+
+def test_tiny_targets_converge_by_the_relative_rule():
+    # Targets of scale 1e-6: the optimal MSE is ~1e-13, so a fixed absolute floor of 1e-12 would call the
+    # run converged long before the relative rule does. Expected: the rule applied to the logged gap.
+    c = cfg(**{"data.n": 100, "train.steps": 400, "optim.lr": 0.1, "data.target_scale": 1e-6,
+               "train.log_every": 1})
+    (res,), _, blocks = train([c])
+    steps, gaps = series(blocks, "convergence/gap")
+    above = np.nonzero(~(gaps <= 1e-3 * res.reference["loss"]))[0]
+    assert res.reference["loss"] < 1e-12
+    assert res.steps_to_converge == steps[above[-1]] + 1
+
+
+def test_a_run_at_rest_does_not_oscillate():
+    # float32 Huber run at its optimum: updates are rounding noise; they must not count as reversals.
+    c = config.from_flat({"device": "cpu", "dtype": "float32", "loss.name": "huber", "data.n": 100,
+                          "train.steps": 3000, "optim.lr": 0.5, "train.figures": False})
+    (res,), _, _ = train([c])
+    assert res.final["convergence/gap"] <= 1e-5
+    assert res.final["oscillation/flip_rate"] < 0.05
