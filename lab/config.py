@@ -134,7 +134,7 @@ class TrainConfig:
     normalize_targets: bool = False
     """standardise y for training; every reported number stays in original units"""
     log_every: int = 10
-    """steps between scalar logs"""
+    """steps between scalar logs (0: off; the final values are still measured for summary.json)"""
     hist_every: int = 200
     """steps between histograms (0: off)"""
     converge_tol: float = 1e-3
@@ -487,7 +487,7 @@ def validate(cfg: Config) -> None:
         ("train.steps", t.steps > 0, "must be > 0"),
         ("train.steps", t.steps <= MAX_STEPS, f"must be <= {MAX_STEPS:_} (run setup grows with the steps)"),
         ("train.batch_size", 0 <= t.batch_size, "must be >= 0 (0: full batch)"),
-        ("train.log_every", t.log_every > 0, "must be > 0"),
+        ("train.log_every", t.log_every >= 0, "must be >= 0 (0: logging off)"),
         ("train.hist_every", t.hist_every >= 0, "must be >= 0 (0: off)"),
         ("train.converge_tol", t.converge_tol > 0, "must be > 0"),
         ("train.window", t.window >= 2, "must be >= 2"),

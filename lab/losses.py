@@ -155,18 +155,39 @@ def smooth_l1_psi(input: Tensor, target: Tensor, beta=1.0) -> Tensor:
     return torch.where(e.abs() < b, e / b_safe, e.sign())
 
 
+def _log1p(w: Tensor) -> Tensor:
+    """log(1 + w) for w >= 0, to a few ulps, from log alone: the first-order term ((u - 1) - w) / u undoes
+    the rounding of u = 1 + w. (torch.log1p computes the same, but its float32 CPU kernel on AVX-512 is a
+    scalar loop, ~15x slower than log.)"""
+    u = 1 + w
+    return torch.log(u) - ((u - 1) - w) / u
+
+
+# sinh(h) / h = sum_j h^(2j) / (2j + 1)!: for |h| <= 1/2 the terms up to h^6 reach float32 precision
+# (the next is 1e-8 of the sum), those up to h^14 float64's.
+_SINH_SERIES = tuple(1.0 / math.factorial(2 * j + 1) for j in range(8))
+
+
 @_float32_for_half
 def log_cosh(input: Tensor, target: Tensor) -> Tensor:
     """``log(cosh(e))``: e^2/2 near 0, |e| - log 2 for large |e|.
 
     Two exact forms, each used where it is accurate (both finite, with finite gradients, everywhere):
     ``log1p(2 sinh(e/2)^2)`` keeps relative accuracy near 0 (cosh e = 1 + 2 sinh(e/2)^2), and
-    ``|e| + softplus(-2|e|) - log 2`` cannot overflow (cosh(e) overflows float32 at |e| > 89).
+    ``|e| + log1p(exp(-2|e|)) - log 2`` cannot overflow (cosh(e) overflows float32 at |e| > 89).
+    Only exp, log and arithmetic: sinh(|e|/2) < sinh(1/2) is its Taylor series, and log1p is `_log1p`
+    (float32 sinh and log1p are scalar loops on CPUs; this form is ~15x faster there, as accurate).
     """
-    e = input - target
-    a = e.abs()
-    small = torch.log1p(2 * torch.sinh(0.5 * e.clamp(-1.0, 1.0)).square())  # clamp: no overflow when unselected
-    large = a + nn.functional.softplus(-2 * a) - _LOG2
+    a = (input - target).abs()
+    h = 0.5 * a.clamp(max=1.0)  # clamp: the unselected branch stays finite
+    h2 = h * h
+    terms = _SINH_SERIES[:4] if a.dtype == torch.float32 else _SINH_SERIES
+    series = torch.full_like(h, terms[-1])
+    for c in reversed(terms[:-1]):
+        series = series * h2 + c
+    s = h * series  # sinh(h)
+    small = _log1p(2 * s * s)
+    large = a + _log1p(torch.exp(-2 * a)) - _LOG2
     return torch.where(a < 1, small, large)
 
 

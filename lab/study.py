@@ -293,6 +293,7 @@ def _log_writer(writers):
     def on_log(block: trainer.LogBlock):
         for i, w in enumerate(writers):
             w.add_scalar_block(block.tags, block.steps, block.values[:, :, i])
+            w.flush()  # events on disk as they come: memory grows with runs x n, not with logged steps
     return on_log
 
 
