@@ -25,8 +25,6 @@ import difflib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,8 @@ import numpy as np
 import scipy.special
 import torch
 from torch import Tensor
+
+from lab.atomic import write_atomic
 
 # ---------------------------------------------------------------------------------------------------
 # Parameters: each knows its default and its allowed values, so a bad value names itself.
@@ -482,23 +482,7 @@ class Dataset:
             seed=np.array(self.seed),
             params=np.array(json.dumps(self.params)),
         )
-        _write_atomic(Path(path), buffer.getvalue())
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place: a reader (or a run killed
-    mid-write) never leaves half a file. (lab.rundir does the same for run directories; data sits
-    before it in the data flow, so it does not import it.)"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_atomic(Path(path), buffer.getvalue())
 
 
 def load(path) -> Dataset:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tomli_w
 
+from lab.atomic import write_atomic  # re-exported: run-directory code calls rundir.write_atomic
+
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
 
@@ -46,21 +48,6 @@ def create(parent: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"no free run directory name for {name!r} in {parent}")
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write via a temporary file in the same directory and rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def jsonable(v):
