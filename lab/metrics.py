@@ -345,8 +345,9 @@ def population_histograms(pop, step, preds, psis, chain, on_hist, inverse):
     per_sample = _cat([psi.abs().sum(-1) for psi in psis])
     if chain is not None:
         per_sample = per_sample * chain.abs()[:, None]
-    for tag, values in (("residual/values", resid), ("grad/per_sample_abs", per_sample)):
-        counts, lo, hi = histogram(values)
+    values_of = {"grad/per_sample_abs": per_sample, "residual/values": resid}
+    for tag in HIST_TAGS:
+        counts, lo, hi = histogram(values_of[tag])
         on_hist(step, tag, counts.cpu().numpy()[inverse], lo.cpu().numpy()[inverse], hi.cpu().numpy()[inverse])
 
 

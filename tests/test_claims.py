@@ -383,14 +383,19 @@ def test_outlier_shift_ratios(tmp_path):
     assert v["mse_over_mae"][0] == pytest.approx(10.0) and v["mse_over_huber"][0] == pytest.approx(2.0)
 
 
-def test_huber_interpolation_positions(tmp_path):
-    # MAE fit (2, 1), MSE fit (2, 2); Huber fits at intercepts 1.0, 1.5, 1.4, 2.0 -> t = 0, 0.5, 0.4, 1.
+def _huber_path_runs(tmp_path):
+    """MAE fit (2, 1), MSE fit (2, 2); Huber fits at intercepts 1.0, 1.5, 1.4, 2.0 -> t = 0, 0.5, 0.4, 1."""
     def fit(b):
         return {"params": {"slope": 2.0, "intercept": b}}
     base = {"data.kind": "outliers"}
     runs = [_run(tmp_path, {**base, "loss.name": "mse"}, fit(2.0)), _run(tmp_path, {**base, "loss.name": "mae"}, fit(1.0))]
     runs += [_run(tmp_path, {**base, "loss.name": "huber", "loss.delta": d}, fit(b))
              for d, b in ((0.1, 1.0), (1.0, 1.5), (3.0, 1.4), (30.0, 2.0))]
+    return runs
+
+
+def test_huber_interpolation_positions(tmp_path):
+    runs = _huber_path_runs(tmp_path)
     v = claim_training.huber_interpolation(runs, {}).values
     assert v["small_to_mae"] == [0.0] and v["large_to_mse"] == [0.0]
     assert v["max_backstep"][0] == pytest.approx(0.1) and v["separation"] == [1.0]
@@ -412,12 +417,7 @@ def test_a_run_that_did_not_complete_measures_as_nan(tmp_path):
 def test_huber_interpolation_with_a_failed_run_is_nan_for_that_seed(tmp_path):
     # As test_huber_interpolation_positions, but the delta = 3 run failed: t = 0, 0.5, NaN, 1. Python's
     # max([0.0, 0.5, nan, nan]) would say 0.0, a backstep-free path measured from half of it.
-    def fit(b):
-        return {"params": {"slope": 2.0, "intercept": b}}
-    base = {"data.kind": "outliers"}
-    runs = [_run(tmp_path, {**base, "loss.name": "mse"}, fit(2.0)), _run(tmp_path, {**base, "loss.name": "mae"}, fit(1.0))]
-    runs += [_run(tmp_path, {**base, "loss.name": "huber", "loss.delta": d}, fit(b))
-             for d, b in ((0.1, 1.0), (1.0, 1.5), (3.0, 1.4), (30.0, 2.0))]
+    runs = _huber_path_runs(tmp_path)
     runs[4].summary = {"status": "failed", "error": "ValueError: boom"}
     v = claim_training.huber_interpolation(runs, {}).values
     assert math.isnan(v["max_backstep"][0])
