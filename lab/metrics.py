@@ -217,24 +217,25 @@ class Histories:
         return self.param_ring[steps % self.ring]  # ring rows in step order, indexed on the device
 
 
-def population_row(pop, preds, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> torch.Tensor:
+def population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> torch.Tensor:
     """Every scalar tag (SCALAR_TAGS, then param/<name>) for a whole population at one log step: [T, N].
 
-    pop: the trainer's population (its blocks of runs, data and parameter views); preds and psis: each
-    block's full-batch predictions and psi [B, n, k], in training units; loss, gap, lr [N] as logged;
+    pop: the trainer's population (its blocks of runs, data and parameter views); resids and psis: each
+    block's full-batch residuals e = pred - target and psi [B, n, k], in training units; loss, gap, lr [N] as logged;
     grads [N, P] (gnorm: their pre-clip norm when clipped); h: the recent per-step histories.
     """
     step, N = h.step, P.shape[0]
-    dist = torch.cat([_block_sums(pop, blk, pred, psi) for blk, pred, psi in zip(pop.blocks, preds, psis)], 1)
+    dist = torch.cat([_block_sums(pop, blk, e, psi) for blk, e, psi in zip(pop.blocks, resids, psis)], 1)
     on_outliers, on_top, total, p99, sum_c2, sum_c4, ahead = dist.unbind(0)
     total = total.clamp_min(torch.finfo(total.dtype).tiny)
     outlier_share, top = on_outliers / total, on_top / total
-    kurtosis = kurtosis_from_sums(sum_c2, sum_c4, preds[0].shape[1])
-    cover = ahead / preds[0].shape[1]
+    n = resids[0].shape[1]
+    kurtosis = kurtosis_from_sums(sum_c2, sum_c4, n)
+    cover = ahead / n
     if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
         has_grad = (chain != 0).to(P.dtype)
         outlier_share, top = outlier_share * has_grad, top * has_grad
-    train_loss = _loss_in_original_units(pop, preds) if pop.any_norm else loss
+    train_loss = _loss_in_original_units(pop, resids) if pop.any_norm else loss
     val_pred = pop.forward(pop.named, pop.x_val)
     val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
     if pop.any_norm:
@@ -271,22 +272,19 @@ def population_row(pop, preds, psis, loss, chain, P, grads, gnorm, gap, lr, h: H
     return torch.stack(rows)
 
 
-def _residuals(pop, blk, pred: torch.Tensor) -> torch.Tensor:
-    """Residuals in original units [B, n], averaged over outputs: pred - y."""
-    if pop.any_norm:
-        sl = blk.runs
-        pred = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
-        return (pred - pop.y_orig[sl, :, None]).mean(-1)
-    e = pred - blk.y3
-    return e.mean(-1) if pop.k > 1 else e[..., 0]
+def _residuals(pop, blk, e: torch.Tensor) -> torch.Tensor:
+    """Residuals in original units [B, n], averaged over outputs, from training-unit residuals e [B, n, k]:
+    pred - y = sd e (normalised targets: y_train = (y - mu) / sd)."""
+    e = e.mean(-1) if pop.k > 1 else e[..., 0]
+    return e * pop.sd[blk.runs] if pop.any_norm else e
 
 
-def _block_sums(pop, blk, pred, psi) -> torch.Tensor:
+def _block_sums(pop, blk, e, psi) -> torch.Tensor:
     """Per-run sums over a block's points, [8, B] (per block, so its [B, n] tensors stay in cache):
     sum |psi| on outliers, sum of the top-1% |psi|, sum |psi|, p99 |resid|, then for the kurtosis the
     sums of c^2 and c^4 (c = resid - its mean) and for the coverage the count of resid >= 0."""
-    n = pred.shape[1]
-    resid = _residuals(pop, blk, pred)
+    n = e.shape[1]
+    resid = _residuals(pop, blk, e)
     per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
     # One topk serves p99 |resid| and, where |psi| grows with |e|, the top-1% gradient share: the largest
     # |psi| sit at the largest |e| (normalising scales e by sd > 0, which keeps the order).
@@ -298,10 +296,7 @@ def _block_sums(pop, blk, pred, psi) -> torch.Tensor:
         top_psi, _ = largest(per_sample, count)
     c = resid - resid.mean(-1, keepdim=True)
     c2 = c * c
-    if pop.any_norm:  # the coverage of the original-unit prediction of the first output
-        ahead = pred[..., 0] * pop.sd[blk.runs] + pop.mu[blk.runs] - pop.y_orig[blk.runs]
-    else:
-        ahead = resid if pop.k == 1 else pred[..., 0] - blk.y3[..., 0]
+    ahead = resid if pop.k == 1 else e[..., 0]  # the first output's residual (sd > 0 keeps its sign)
     return torch.stack([
         torch.linalg.vecdot(per_sample, pop.outlier_f[blk.runs]),
         top_psi.sum(-1),
@@ -328,20 +323,19 @@ def _named_now(P, pop) -> torch.Tensor:
     return P.new_zeros(N, 0)
 
 
-def _loss_in_original_units(pop, preds):
-    """The configured loss of the original-unit predictions (equals the training loss without normalisation)."""
+def _loss_in_original_units(pop, resids):
+    """The configured loss of the original-unit residuals sd e (equals the training loss without normalisation)."""
     vals = []
-    for blk, pred in zip(pop.blocks, preds):
-        sl = blk.runs
-        pred_orig = pred * pop.sd[sl, :, None] + pop.mu[sl, :, None]
-        vals.append(blk.spec.fn(pred_orig, pop.y_orig[sl, :, None], **blk.params).mean((1, 2)))
+    for blk, e in zip(pop.blocks, resids):
+        _, value_sum = blk.terms(e * pop.sd[blk.runs, :, None], **blk.params)
+        vals.append(value_sum / (e.shape[1] * e.shape[2]))
     m = _cat(vals)
     return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
 
 
-def population_histograms(pop, step, preds, psis, chain, on_hist, inverse):
+def population_histograms(pop, step, resids, psis, chain, on_hist, inverse):
     """Histograms of residuals and per-sample gradient magnitudes (full batch), computed on the device."""
-    resid = _cat([_residuals(pop, blk, pred) for blk, pred in zip(pop.blocks, preds)])
+    resid = _cat([_residuals(pop, blk, e) for blk, e in zip(pop.blocks, resids)])
     per_sample = _cat([psi.abs().sum(-1) for psi in psis])
     if chain is not None:
         per_sample = per_sample * chain.abs()[:, None]

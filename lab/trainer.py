@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lab import losses, metrics, models, reference
+from lab import fused, losses, metrics, models, reference
 from lab.config import Config, loss_params, n_outputs
 from lab.data import Dataset
 from lab.optim import Hyper, Optimizer, clip_by_norm, lr_table
@@ -153,6 +153,7 @@ class _Block:
 
     runs: slice
     spec: losses.LossSpec
+    terms: Callable  # lab.fused.residual_terms(spec): e -> (psi, per-run loss sum)
     params: dict  # loss parameters: floats, or [B, 1, 1] tensors where runs differ
     by_abs_resid: bool  # |psi| is a non-decreasing function of |e|: the largest gradients sit at the largest |e|
     x: torch.Tensor  # [B, n, 1]
@@ -195,32 +196,33 @@ class _Population:
         """Each run's own loss and its gradient at the current parameters, block by block.
 
         x, y3: a minibatch [N, b, 1] (None: the full training set). Returns (mean loss m [N] in
-        training units, dm/dtheta [N, P] times b * k, and per block its predictions and psi [B, b, k]).
+        training units, dm/dtheta [N, P] times b * k, and per block its residuals e = pred - target
+        and psi [B, b, k]).
         """
-        values, weight_grads, bias_grads, flats, preds, psis = [], [], [], [], [], []
+        values, weight_grads, bias_grads, flats, resids, psis = [], [], [], [], [], []
         for blk in self.blocks:
             xb = blk.x if x is None else x[blk.runs]
             target = blk.y3 if y3 is None else y3[blk.runs]
             if self.model.kind in ("linear", "constant"):
                 block_terms = _compiled(blk.spec, self.model.kind) if self.compiled else _block_terms
-                value, weight_grad, bias_grad, pred, psi = block_terms(blk.spec, self.model.kind, blk.named, xb,
-                                                                       target, blk.params)
+                value, weight_grad, bias_grad, e, psi = block_terms(blk.terms, self.model.kind, blk.named, xb,
+                                                                    target, blk.params)
                 if weight_grad is not None:
                     weight_grads.append(weight_grad)
                 bias_grads.append(bias_grad)
             else:
-                pred = self.forward(blk.named, xb)
-                psi = blk.spec.psi(pred, target, **blk.params)
-                value = blk.spec.fn(pred, target, **blk.params).mean((1, 2))
+                e = self.forward(blk.named, xb) - target
+                psi, value = blk.terms(e, **blk.params)
+                value = value / (e.shape[1] * e.shape[2])
                 flats.append(self.shapes.flat(self.model.vjp(blk.named, xb, psi)))
             values.append(value)
-            preds.append(pred)
+            resids.append(e)
             psis.append(psi)
         if self.model.kind == "linear":  # the flat order: weight [k x 1], then bias [k]
             flat = torch.cat([_join(weight_grads), _join(bias_grads)], dim=1)
         else:
             flat = _join(bias_grads if self.model.kind == "constant" else flats)
-        return _join(values), flat, preds, psis
+        return _join(values), flat, resids, psis
 
     def chain(self, m: torch.Tensor):
         """(loss L [N], dL/dm [N] or None): rmse runs report sqrt(m); dL/dm = 1/(2 sqrt m), 0 at m = 0."""
@@ -232,18 +234,18 @@ class _Population:
         return loss, torch.where(self.root, torch.where(positive, 0.5 / sq, 0.0), 1.0)
 
 
-def _block_terms(spec, kind: str, named: dict, x, target, params):
+def _block_terms(terms, kind: str, named: dict, x, target, params):
     """One block of a linear or constant model: (mean loss [B], d/dweight [B, k] or None, d/dbias [B, k],
-    predictions and psi [B, b, k]); the gradients are sums over points (not yet divided by b * k)."""
+    residuals e = pred - target and psi [B, b, k]); the gradients are sums over points (not yet divided
+    by b * k). terms: the block loss's lab.fused.residual_terms."""
     if kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
-        pred = x * named["weight"].transpose(1, 2) + named["bias"][:, None, :]
+        e = (x * named["weight"].transpose(1, 2)).add_(named["bias"][:, None, :]).sub_(target)
     else:
-        pred = named["value"][:, None, :].expand(x.shape[0], x.shape[1], -1)
-    psi = spec.psi(pred, target, **params)
-    value = spec.fn(pred, target, **params).mean((1, 2))
+        e = named["value"][:, None, :] - target  # [B, b, k]: the constant's value broadcast over points
+    psi, value_sum = terms(e, **params)
     # d/dw = sum_i psi_i x_i, d/db = sum_i psi_i (per output); the constant's value is a bias
     weight_grad = torch.linalg.vecdot(psi, x, dim=1) if kind == "linear" else None
-    return value, weight_grad, psi.sum(1), pred, psi
+    return value_sum / (e.shape[1] * e.shape[2]), weight_grad, psi.sum(1), e, psi
 
 
 _COMPILED: dict = {}
@@ -258,8 +260,8 @@ def _compiled(spec, kind: str):
     """
     key = (spec.name, kind)
     if key not in _COMPILED:
-        def terms(spec_, kind_, named, x, target, params):
-            return _block_terms(spec, kind, named, x, target, params)
+        def terms(terms_, kind_, named, x, target, params):
+            return _block_terms(fused.residual_terms(spec), kind, named, x, target, params)
 
         _COMPILED[key] = torch.compile(terms, dynamic=True)
     return _COMPILED[key]
@@ -386,7 +388,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                 xb, yb3 = pop.x[rows, idx], pop.y3[rows, idx]
             else:
                 xb, yb3 = None, None  # the full training set
-            m, flat, preds, psis = pop.terms(xb, yb3)
+            m, flat, resids, psis = pop.terms(xb, yb3)
             loss, chain = pop.chain(m)
             scale = 1.0 / (batch * pop.k)  # the mean over points and outputs
             grads = flat * scale if chain is None else flat * (chain * scale)[:, None]  # dL/dtheta [N, P]
@@ -404,7 +406,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
             if step in row_steps:
                 lr_now = lr_fixed[:, 0] if constant_lr else lr_tab[step, lr_col]
                 if xb is not None:  # minibatch step: measure on the full training set
-                    m_full, _, preds, psis = pop.terms()
+                    m_full, _, resids, psis = pop.terms()
                     loss, chain = pop.chain(m_full)
                     gap = loss - pop.ref_loss
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
@@ -412,11 +414,11 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                     last_above = torch.where(gap <= tol, last_above, step)
                 history = metrics.Histories(step, window, ring, loss_ring, param_ring if track_params else None,
                                             flip_ring)
-                pending.append(metrics.population_row(pop, preds, psis, loss, chain, P, grads, gnorm, gap, lr_now,
+                pending.append(metrics.population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now,
                                                       history))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
-                    metrics.population_histograms(pop, step, preds, psis, chain, on_hist, inverse)
+                    metrics.population_histograms(pop, step, resids, psis, chain, on_hist, inverse)
                 if len(pending) >= flush_every:
                     flush()
                     if should_stop and should_stop():
@@ -483,7 +485,7 @@ def _setup(cfgs, datasets, device, dtype):
         spec = losses.spec(name)
         for lo in range(start, start + count, per_block):
             sl = slice(lo, min(lo + per_block, start + count))
-            blocks.append(_Block(runs=sl, spec=spec, params=_stack_loss_params(cfgs[sl], name, dtype, device),
+            blocks.append(_Block(runs=sl, spec=spec, terms=fused.residual_terms(spec), params=_stack_loss_params(cfgs[sl], name, dtype, device),
                                  by_abs_resid=name in _BY_ABS_RESID and k == 1, x=x[sl], y3=y3[sl],
                                  named={key: v[sl] for key, v in named.items()}))
         start += count
