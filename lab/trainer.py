@@ -18,7 +18,7 @@ linear model's forward and vjp are elementwise (x * w + b, sum(psi * x)) instead
 with 1x1 matrices (1.6 ms -> 0.04 ms for 200 runs); the parameters are updated in place (the views
 stay valid); the oscillation metrics read short histories of parameters and losses written once per
 step (one copy each) instead of being computed every step; and the scalar tags are computed only at
-log steps (lab.metrics.population_row).
+log steps (lab.log_row.population_row).
 
 Nothing in the loop forces a host-device sync: metrics are computed on the device into a buffer that
 is copied out every `flush_every` log steps and handed to the `on_log` / `on_hist` callbacks.
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lab import fused, losses, metrics, models, reference
+from lab import fused, log_row, losses, metrics, models, reference
 from lab.config import Config, loss_params, n_outputs
 from lab.data import Dataset
 from lab.optim import Hyper, Optimizer, clip_by_norm, lr_table
@@ -155,7 +155,6 @@ class _Block:
     spec: losses.LossSpec
     terms: Callable  # lab.fused.residual_terms(spec): e -> (psi, per-run loss sum)
     params: dict  # loss parameters: floats, or [B, 1, 1] tensors where runs differ
-    by_abs_resid: bool  # |psi| is a non-decreasing function of |e|: the largest gradients sit at the largest |e|
     x: torch.Tensor  # [B, n, 1]
     y3: torch.Tensor  # [B, n, 1] training targets
     named: dict  # this block's parameter views {name: [B, ...]}
@@ -184,6 +183,9 @@ class _Population:
     true_params: torch.Tensor  # [N, K]
     k: int
     shapes: _Flat
+    moments: log_row.ResidualMoments | None  # the residual kurtosis without a pass (line models)
+    largest: log_row.LargestResiduals | None  # candidates for the row's order statistics (CPU, line models)
+    psi_not_by_abs: list  # slices of runs whose largest |psi| need not sit at their largest |e|
     compiled: bool = False
 
     def forward(self, named: dict, x: torch.Tensor) -> torch.Tensor:
@@ -412,13 +414,13 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
                     # the full training set at log steps only (resolution: log_every steps).
                     last_above = torch.where(gap <= tol, last_above, step)
-                history = metrics.Histories(step, window, ring, loss_ring, param_ring if track_params else None,
+                history = log_row.Histories(step, window, ring, loss_ring, param_ring if track_params else None,
                                             flip_ring)
-                pending.append(metrics.population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now,
+                pending.append(log_row.population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now,
                                                       history))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
-                    metrics.population_histograms(pop, step, resids, psis, chain, on_hist, inverse)
+                    log_row.population_histograms(pop, step, resids, psis, chain, on_hist, inverse)
                 if len(pending) >= flush_every:
                     flush()
                     if should_stop and should_stop():
@@ -480,14 +482,16 @@ def _setup(cfgs, datasets, device, dtype):
     width = max(cfg0.model.hidden) if model.kind == "mlp" else 1
     per_block = max(1, _BLOCK_ELEMENTS // (x.shape[1] * width * k))
     blocks, start = [], 0
+    line = model.kind in ("linear", "constant")
+    # Candidate order statistics need one host read per row: free on a CPU, a sync on a GPU.
+    candidates = line and device.type == "cpu" and x.shape[1] > 2 * log_row.CANDIDATES
     for name in dict.fromkeys(c.loss.name for c in cfgs):
         count = sum(c.loss.name == name for c in cfgs)
         spec = losses.spec(name)
         for lo in range(start, start + count, per_block):
             sl = slice(lo, min(lo + per_block, start + count))
             blocks.append(_Block(runs=sl, spec=spec, terms=fused.residual_terms(spec), params=_stack_loss_params(cfgs[sl], name, dtype, device),
-                                 by_abs_resid=name in _BY_ABS_RESID and k == 1, x=x[sl], y3=y3[sl],
-                                 named={key: v[sl] for key, v in named.items()}))
+                                 x=x[sl], y3=y3[sl], named={key: v[sl] for key, v in named.items()}))
         start += count
     roots = [losses.spec(c.loss.name).root for c in cfgs]
     root = torch.tensor(roots, device=device) if any(roots) else None
@@ -510,7 +514,11 @@ def _setup(cfgs, datasets, device, dtype):
     pop = _Population(model=model, named=named, blocks=blocks, x=x, y3=y3, y_orig=y_orig, x_val=x_val,
                       signal_val=signal_val, outlier=outlier, outlier_f=outlier.to(dtype), mu=mu, sd=sd,
                       any_norm=any_norm, root=root, ref_loss=ref_loss, ref_params=ref_params,
-                      true_params=true_params, k=k, shapes=shapes)
+                      true_params=true_params, k=k, shapes=shapes,
+                      moments=log_row.ResidualMoments(x, y) if line else None,
+                      largest=log_row.LargestResiduals(x, y3, model.kind) if candidates else None,
+                      psi_not_by_abs=[slice(blk.runs.start, blk.runs.stop) for blk in blocks
+                                      if not (blk.spec.name in _BY_ABS_RESID and k == 1)])
     return pop, P, refs, tol, named_keys, shapes
 
 

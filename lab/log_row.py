@@ -1,0 +1,285 @@
+"""One log row: every scalar tag of every run of a lab.trainer population at one log step, on the device.
+
+The per-run definitions live in lab.metrics; this module evaluates them for a whole population at once,
+block by block (a block: runs that share a loss, few enough that their [runs, n] tensors stay in cache),
+from the residuals e = pred - target and psi the training step has just computed.
+
+With `log_every = 1` a row is computed as often as the step itself, so it is kept to few passes over
+the [runs, n] data:
+
+- p99 |residual| and the top-1% gradient share need the few largest |residuals| of each run. A topk
+  over n points costs ~1.5 us per run (1000 points, CPU); `LargestResiduals` keeps a short list of
+  candidates and proves, from how far the parameters moved, when the largest are still among them.
+- The kurtosis of a linear or constant model's residuals is a polynomial in its slope with the data's
+  central moments as coefficients (`ResidualMoments`, float64, computed once): no pass over the points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lab.metrics import (HIST_TAGS, flip_rate, histogram, kurtosis_from_sums, largest, param_amplitude,
+                         quantile_from_top, quantile_rank, relative_amplitude, top_count)
+
+# How many of a run's largest |residuals| LargestResiduals keeps as candidates. A hit costs a gather
+# and a topk of this many; a refresh a topk of one more than this over all n points (measured, 40 runs
+# x 1000 points: topk of 11 63 us, of 65 91 us, gather + topk 11 of 64 12 us).
+CANDIDATES = 64
+
+
+def _effective_line(named: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean slope, mean intercept, mean |slope|) over outputs, [B] each: the residual averaged over
+    outputs is mean_k(w_k) x + mean_k(b_k) - y. A constant model is a line of slope 0."""
+    if kind == "linear":
+        w, b = named["weight"][..., 0], named["bias"]  # [B, k]
+        return w.mean(-1), b.mean(-1), w.abs().mean(-1)
+    b = named["value"]
+    zero = b.new_zeros(b.shape[0])
+    return zero, b.mean(-1), zero
+
+
+class LargestResiduals:
+    """The m largest |residuals| of each run of a population, from a list of candidates where that is exact.
+
+    A linear or constant model's residual is affine in its parameters, r_i = sd (w x_i + b - y_i) (w, b
+    averaged over outputs, sd the target scale), so between a snapshot (w0, b0) and now no residual
+    moves by more than
+
+        delta = sd (|w - w0| max_i |x_i| + |b - b0|).
+
+    At a snapshot the M largest |r_i| become the candidates, and T0 is the largest |r_i| among the
+    others. Later, if the m-th largest candidate is >= T0 + delta (+ the rounding of both evaluations),
+    no other point can be among the m largest, so the candidates' top m are exactly the top m. The runs
+    where the proof fails (parameters moved far: early training, large steps) get a full topk and a new
+    snapshot. The proof reads one bool from the device per row, so the trainer uses this only on CPUs,
+    where that costs nothing.
+    """
+
+    def __init__(self, x: torch.Tensor, y3: torch.Tensor, kind: str, candidates: int = CANDIDATES):
+        self.kind = kind
+        self.candidates = candidates
+        self.x_max = x.abs().amax((1, 2))  # [N]
+        self.y_max = y3.abs().amax((1, 2))  # [N] training units
+        self.eps = torch.finfo(x.dtype).eps
+        self.index: torch.Tensor | None = None  # [N, M] candidate points
+        self.bound = self.w0 = self.b0 = self.w0_abs = None  # [N] each, from the snapshot
+        self.hits = self.refreshes = 0  # rows proved from the candidates, runs refreshed
+
+    def largest(self, resid: torch.Tensor, named: dict, sd: torch.Tensor | None, m: int):
+        """The m largest |resid| per run, descending, and their point indices ([N, m] each).
+
+        resid [N, n] in original units; named: the parameter views; sd [N] or None (no scaling).
+        """
+        w, b, w_abs = _effective_line(named, self.kind)
+        if self.index is None:
+            top, index = largest(resid.abs(), self.candidates + 1)
+            self._snapshot(slice(None), top, index, w, b, w_abs)
+            return top[:, :m], index[:, :m]
+        moved = (w - self.w0).abs() * self.x_max + (b - self.b0).abs()
+        # each residual is ~3 roundings of |x w| + |b| + |y|, at the snapshot and now: room for both
+        size = self.x_max * torch.maximum(w_abs, self.w0_abs) + torch.maximum(b.abs(), self.b0.abs()) + self.y_max
+        margin = moved + 8 * self.eps * size
+        if sd is not None:
+            margin = margin * sd
+        top, pos = resid.gather(1, self.index).abs_().topk(m, dim=1)
+        where = self.index.gather(1, pos)
+        failed = top[:, -1] < self.bound + margin
+        if not bool(failed.any()):
+            self.hits += 1
+            return top, where
+        runs = failed.nonzero()[:, 0]
+        full, index = largest(resid[runs].abs(), self.candidates + 1)
+        self._snapshot(runs, full, index, w, b, w_abs)
+        top[runs], where[runs] = full[:, :m], index[:, :m]
+        return top, where
+
+    def _snapshot(self, runs, top, index, w, b, w_abs):
+        if self.index is None:
+            self.index, self.bound = index[:, :self.candidates].clone(), top[:, self.candidates].clone()
+            self.w0, self.b0, self.w0_abs = w.clone(), b.clone(), w_abs.clone()
+        else:
+            self.index[runs], self.bound[runs] = index[:, :self.candidates], top[:, self.candidates]
+            self.w0[runs], self.b0[runs], self.w0_abs[runs] = w[runs], b[runs], w_abs[runs]
+        self.refreshes += len(top)
+
+
+class ResidualMoments:
+    """Central moments of each run's data, so that the residuals' kurtosis needs no pass over the points.
+
+    With X = x - mean(x) and Y = y - mean(y) (training units), the centred residual of a line of slope w
+    (averaged over outputs) is c_i = sd (w X_i - Y_i), so
+
+        sum c^2 = sd^2 (w^2 Sxx - 2 w Sxy + Syy)
+        sum c^4 = sd^4 (w^4 S40 - 4 w^3 S31 + 6 w^2 S22 - 4 w S13 + S04),   Sab = sum X^a Y^b,
+
+    and the kurtosis n sum c^4 / (sum c^2)^2 - 3 does not depend on sd. The moments are float64: the
+    polynomial cancels to the residuals' size, which float64 resolves while the residuals are above
+    ~1e-4 of the targets' spread (a float32 pass over the points is no better below that).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024):
+        parts = []
+        for lo in range(0, y.shape[0], chunk):  # float64 temporaries of [chunk, n], not [N, n]
+            X = x[lo:lo + chunk, :, 0].double()
+            Y = y[lo:lo + chunk].double()
+            X = X - X.mean(1, keepdim=True)
+            Y = Y - Y.mean(1, keepdim=True)
+            X2, Y2 = X * X, Y * Y
+            parts.append(torch.stack([X2.sum(1), (X * Y).sum(1), Y2.sum(1), (X2 * X2).sum(1), (X2 * X * Y).sum(1),
+                                      (X2 * Y2).sum(1), (X * Y * Y2).sum(1), (Y2 * Y2).sum(1)]))
+        self.S = torch.cat(parts, 1)  # [8, N]
+
+    def kurtosis(self, slope: torch.Tensor, n: int) -> torch.Tensor:
+        """Excess kurtosis of each run's residuals for slopes [N] (any float dtype) -> [N] in that dtype."""
+        w = slope.double()
+        sxx, sxy, syy, s40, s31, s22, s13, s04 = self.S
+        w2 = w * w
+        sum_c2 = w2 * sxx - 2 * w * sxy + syy
+        sum_c4 = w2 * (w2 * s40 - 4 * w * s31 + 6 * s22) - 4 * w * s13 + s04
+        return kurtosis_from_sums(sum_c2, sum_c4, n).to(slope.dtype)
+
+
+@dataclass
+class Histories:
+    """The recent per-step values a log row at `step` reads (ring buffers, oldest row overwritten)."""
+
+    step: int
+    window: int
+    ring: int
+    loss_ring: torch.Tensor  # [window, N]
+    param_ring: torch.Tensor | None  # [ring, N, P]
+    flip_ring: torch.Tensor | None  # [window, N] (models too large for param_ring)
+
+    def params(self, count: int) -> torch.Tensor:
+        """Parameters of the last `count` steps up to `step`, oldest first: [count, N, P]."""
+        count = min(count, self.step + 1)
+        steps = torch.arange(self.step - count + 1, self.step + 1, device=self.param_ring.device)
+        return self.param_ring[steps % self.ring]  # ring rows in step order, indexed on the device
+
+
+def population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> torch.Tensor:
+    """Every scalar tag (SCALAR_TAGS, then param/<name>) for a whole population at one log step: [T, N].
+
+    pop: the trainer's population (its blocks of runs, data and parameter views); resids and psis: each
+    block's full-batch residuals e = pred - target and psi [B, n, k], in training units; loss, gap, lr [N] as logged;
+    grads [N, P] (gnorm: their pre-clip norm when clipped); h: the recent per-step histories.
+    """
+    step, N = h.step, P.shape[0]
+    n = resids[0].shape[1]
+    # One [N, n] tensor per quantity: the row is a few passes over the population, each op launched
+    # once (per block, ~40 small tensor ops per row were mostly launch overhead).
+    e, psi = _cat(resids), _cat(psis)  # [N, n, k] training units
+    resid = e.mean(-1) if pop.k > 1 else e[..., 0]
+    if pop.any_norm:
+        resid = resid * pop.sd  # original units: pred - y = sd e
+    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
+    # One search for the largest |resid| serves p99 |resid| and, where |psi| grows with |e|, the top-1%
+    # gradient share: the largest |psi| sit at the largest |e| (sd > 0 keeps the order).
+    below, count = quantile_rank(n, 0.99)[0], top_count(n, 0.01)
+    m = max(n - below, count)
+    if pop.largest is not None:
+        top_resid, where = pop.largest.largest(resid, pop.named, pop.sd[:, 0] if pop.any_norm else None, m)
+    else:
+        top_resid, where = largest(resid.abs(), m)
+    on_top = per_sample.gather(1, where[:, :count]).sum(-1)
+    for runs in pop.psi_not_by_abs:  # runs (contiguous, one loss each) whose largest |psi| sit elsewhere
+        on_top[runs] = largest(per_sample[runs], count)[0].sum(-1)
+    total = per_sample.sum(-1).clamp_min(torch.finfo(per_sample.dtype).tiny)
+    outlier_share, top = torch.linalg.vecdot(per_sample, pop.outlier_f) / total, on_top / total
+    p99 = quantile_from_top(top_resid, n, 0.99)
+    if pop.moments is not None:
+        kurtosis = pop.moments.kurtosis(_effective_line(pop.named, pop.model.kind)[0], n)
+    else:
+        c = resid - resid.mean(-1, keepdim=True)
+        c2 = c * c
+        kurtosis = kurtosis_from_sums(c2.sum(-1), torch.linalg.vecdot(c2, c2), n)  # c^4 summed without a tensor
+    ahead = resid if pop.k == 1 else e[..., 0]  # the first output's residual (sd > 0 keeps its sign)
+    cover = (ahead.sign() + 1).clamp_(max=1).sum(-1) / n  # share of ahead >= 0 (see coverage_of_residuals)
+    if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
+        has_grad = (chain != 0).to(P.dtype)
+        outlier_share, top = outlier_share * has_grad, top * has_grad
+    train_loss = _loss_in_original_units(pop, resids) if pop.any_norm else loss
+    val_pred = pop.forward(pop.named, pop.x_val)
+    val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
+    if pop.any_norm:
+        val_pred = val_pred * pop.sd + pop.mu
+    val_err = val_pred - pop.signal_val
+    named_now = _named_now(P, pop)
+    loss_window = h.loss_ring[:min(step + 1, h.window)]  # the rows of the last `window` steps, in ring order
+    if h.param_ring is not None:
+        flip = flip_rate(h.params(h.window + 2), min(step, h.window))
+        amplitude = param_amplitude(h.params(h.window))
+    else:
+        flip = h.flip_ring.sum(0) / max(min(step, h.window), 1)
+        amplitude = torch.full((N,), float("nan"), dtype=P.dtype, device=P.device)
+    rows = [
+        train_loss,
+        torch.linalg.vecdot(val_err, val_err) / val_err.shape[1],
+        val_err.abs().sum(-1) / val_err.shape[1],
+        lr,
+        gap,
+        torch.linalg.vector_norm(named_now - pop.true_params, dim=-1),
+        torch.linalg.vector_norm(named_now - pop.ref_params, dim=-1),
+        flip,
+        relative_amplitude(loss_window),
+        amplitude,
+        torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm,
+        grads.abs().amax(-1),
+        outlier_share,
+        top,
+        p99,
+        kurtosis,
+        cover,
+        *named_now.unbind(1),
+    ]
+    return torch.stack(rows)
+
+
+def _residuals(pop, blk, e: torch.Tensor) -> torch.Tensor:
+    """Residuals in original units [B, n], averaged over outputs, from training-unit residuals e [B, n, k]:
+    pred - y = sd e (normalised targets: y_train = (y - mu) / sd)."""
+    e = e.mean(-1) if pop.k > 1 else e[..., 0]
+    return e * pop.sd[blk.runs] if pop.any_norm else e
+
+
+def _named_now(P, pop) -> torch.Tensor:
+    """Named parameters of every run in original units, [N, len(named_keys)]."""
+    N, k, named = P.shape[0], pop.k, pop.named
+    if pop.model.kind == "linear":
+        w, b = named["weight"].reshape(N, k), named["bias"].reshape(N, k)
+        if not pop.any_norm:
+            return torch.stack([w, b], -1).reshape(N, 2 * k)
+        sd, mu = pop.sd, pop.mu
+        return torch.stack([w * sd, b * sd + mu], -1).reshape(N, 2 * k)
+    if pop.model.kind == "constant":
+        value = named["value"].reshape(N, k)
+        return value * pop.sd + pop.mu if pop.any_norm else value.clone()
+    return P.new_zeros(N, 0)
+
+
+def _loss_in_original_units(pop, resids):
+    """The configured loss of the original-unit residuals sd e (equals the training loss without normalisation)."""
+    vals = []
+    for blk, e in zip(pop.blocks, resids):
+        _, value_sum = blk.terms(e * pop.sd[blk.runs, :, None], **blk.params)
+        vals.append(value_sum / (e.shape[1] * e.shape[2]))
+    m = _cat(vals)
+    return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
+
+
+def population_histograms(pop, step, resids, psis, chain, on_hist, inverse):
+    """Histograms of residuals and per-sample gradient magnitudes (full batch), computed on the device."""
+    resid = _cat([_residuals(pop, blk, e) for blk, e in zip(pop.blocks, resids)])
+    per_sample = _cat([psi.abs().sum(-1) for psi in psis])
+    if chain is not None:
+        per_sample = per_sample * chain.abs()[:, None]
+    values_of = {"grad/per_sample_abs": per_sample, "residual/values": resid}
+    for tag in HIST_TAGS:
+        counts, lo, hi = histogram(values_of[tag])
+        on_hist(step, tag, counts.cpu().numpy()[inverse], lo.cpu().numpy()[inverse], hi.cpu().numpy()[inverse])
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

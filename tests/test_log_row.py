@@ -1,0 +1,91 @@
+"""Tests for lab.log_row's shortcuts: candidate order statistics and moment-based kurtosis.
+
+Expected values come from the direct computations they replace: `topk` over all points of the residuals
+x w + b - y, and lab.metrics.excess_kurtosis of those residuals (itself checked against scipy in
+test_metrics.py).
+"""
+
+import pytest
+import torch
+
+from lab import log_row, metrics
+
+
+def line_data(runs=30, n=500, seed=0, dtype=torch.float32):
+    """x [R, n, 1] in [-2, 3], y = 2x + 1 + noise with a few large outliers per run."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(runs, n, 1, generator=g, dtype=torch.float64) * 5 - 2
+    y = 2 * x[..., 0] + 1 + torch.randn(runs, n, generator=g, dtype=torch.float64)
+    y[:, :5] += 40 * torch.rand(runs, 5, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+def residuals(x, y, w, b, sd=None):
+    """The row's residuals in original units, averaged over outputs: sd (mean_k(w_k x + b_k) - y)."""
+    e = (x * w[:, None, :] + b[:, None, :] - y[..., None]).mean(-1)
+    return e if sd is None else e * sd[:, None]
+
+
+@pytest.mark.parametrize("k,scaled", [(1, False), (3, True)])
+def test_candidates_give_exactly_the_largest_residuals_along_a_trajectory(k, scaled):
+    """Along a descent-like path (small moves), with one run jumping far at one step: the m largest
+    |residuals| always equal a full topk's, and only the jumping run is refreshed then."""
+    x, y = line_data()
+    R, n, m = y.shape[0], y.shape[1], 11
+    g = torch.Generator().manual_seed(1)
+    w = 2 + torch.randn(R, k, generator=g) * 0.3
+    b = 1 + torch.randn(R, k, generator=g) * 0.3
+    sd = (torch.rand(R, generator=g) + 0.5) if scaled else None
+    cache = log_row.LargestResiduals(x, y[..., None], "linear")
+    refreshed_at_jump = None
+    for step in range(60):
+        named = {"weight": w[..., None], "bias": b}
+        resid = residuals(x, y, w, b, sd)
+        before = cache.refreshes
+        top, where = cache.largest(resid, named, sd, m)
+        expected = resid.abs().topk(m, dim=1).values
+        assert torch.equal(top, expected), step
+        assert torch.equal(resid.abs().gather(1, where), top), step
+        if step == 40:
+            refreshed_at_jump = cache.refreshes - before
+        # move towards the line (slope 2, intercept 1) by 5% a step; run 7 jumps at step 40
+        w = w + 0.05 * (2 - w)
+        b = b + 0.05 * (1 - b)
+        if step == 39:
+            w[7] += 3.0
+    assert cache.hits > 30  # most rows were proved from the candidates alone
+    assert cache.refreshes < 3 * R  # and few runs ever needed a full topk after the first
+    assert refreshed_at_jump == 1  # only the run that jumped paid a full topk
+
+
+def test_candidates_for_a_constant_model():
+    x, y = line_data(runs=5, n=300)
+    cache = log_row.LargestResiduals(x, y[..., None], "constant")
+    value = torch.zeros(5, 1)
+    for _ in range(20):
+        resid = (value - y)  # k = 1: the residual of a constant prediction
+        top, _ = cache.largest(resid, {"value": value}, None, 4)
+        assert torch.equal(top, resid.abs().topk(4, dim=1).values)
+        value = value + 0.02
+    assert cache.hits > 10
+
+
+@pytest.mark.parametrize("kind", ["linear", "constant"])
+def test_kurtosis_from_moments_equals_the_direct_computation(kind):
+    """float64 data: the polynomial in the slope equals excess_kurtosis of the residuals to 1e-10."""
+    x, y = line_data(runs=8, n=400, dtype=torch.float64)
+    moments = log_row.ResidualMoments(x, y, chunk=3)  # chunks smaller than the population
+    slope = torch.linspace(-1, 4, 8, dtype=torch.float64) if kind == "linear" else torch.zeros(8, dtype=torch.float64)
+    resid = slope[:, None] * x[..., 0] + 0.7 - y
+    torch.testing.assert_close(moments.kurtosis(slope, 400), metrics.excess_kurtosis(resid), rtol=1e-10, atol=1e-10)
+
+
+def test_kurtosis_from_moments_in_float32_matches_float64_residuals():
+    """A float32 population: the moments are float64 of the float32 data, the result is float32 and
+    matches the float64 residuals' kurtosis to float32 precision."""
+    x, y = line_data(runs=4, n=1000)
+    slope = torch.tensor([1.9, 2.0, 2.1, 0.0])
+    got = log_row.ResidualMoments(x, y).kurtosis(slope, 1000)
+    resid = slope.double()[:, None] * x[..., 0].double() - y.double()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), metrics.excess_kurtosis(resid), rtol=1e-6, atol=1e-6)
