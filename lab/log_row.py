@@ -20,8 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.metrics import (HIST_TAGS, flip_rate, histogram, kurtosis_from_sums, largest, param_amplitude,
-                         quantile_from_top, quantile_rank, relative_amplitude, top_count)
+from lab.metrics import (
+    HIST_TAGS,
+    flip_rate,
+    histogram,
+    kurtosis_from_sums,
+    largest,
+    param_amplitude,
+    quantile_from_top,
+    quantile_rank,
+    relative_amplitude,
+    top_count,
+)
 
 # How many of a run's largest |residuals| LargestResiduals keeps as candidates. A hit costs a gather
 # and a topk of this many; a refresh a topk of one more than this over all n points (measured, 40 runs

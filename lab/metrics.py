@@ -17,7 +17,6 @@ product of c^2 with itself (a pow kernel and a [runs, n] temporary saved).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 

@@ -31,7 +31,7 @@ def test_candidates_give_exactly_the_largest_residuals_along_a_trajectory(k, sca
     """Along a descent-like path (small moves), with one run jumping far at one step: the m largest
     |residuals| always equal a full topk's, and only the jumping run is refreshed then."""
     x, y = line_data()
-    R, n, m = y.shape[0], y.shape[1], 11
+    R, m = y.shape[0], 11
     g = torch.Generator().manual_seed(1)
     w = 2 + torch.randn(R, k, generator=g) * 0.3
     b = 1 + torch.randn(R, k, generator=g) * 0.3
