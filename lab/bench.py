@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         _child(args.child)
-        return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as the `lab` command exits (lab.cli.entry): no interpreter teardown
     if args.device == "cuda":
         import torch
 

@@ -8,6 +8,7 @@ diverged, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -126,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def entry() -> None:
+    """The `lab` command (and `python -m lab`): main(), then exit without the interpreter's teardown.
+
+    By the time main() returns every file is written and closed (event files, summaries and figures are
+    written synchronously, no writer thread is left), so what the teardown would still do is free
+    torch's and numpy's objects and unload modules: ~0.5 s, a tenth of a 200-run study (2 cores).
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # a closed pipe or stream: nothing left to say
+        pass
+    os._exit(code)
 
 
 def _fail(message: str) -> int:

@@ -399,3 +399,21 @@ def test_one_line_summary_formats_like_the_report():
          "params": {"slope": 2.0, "intercept": 123456.7}, "steps_to_converge": None}
     assert cli.one_line_summary(s) == ("completed  loss=0.2812  gap=-  slope=2 intercept=1.235e+05  "
                                        "steps_to_converge=-")
+
+
+def test_the_command_exits_with_mains_code_and_all_its_output():
+    # `python -m lab` ends with os._exit (lab.cli.entry, no interpreter teardown): what main() printed
+    # must still all arrive, through a pipe, with main()'s exit code (0 here, 2 for bad input).
+    import contextlib
+    import io
+
+    from lab import cli
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert cli.main(["config"]) == 0
+    proc = lab("config")
+    assert proc.returncode == 0
+    assert proc.stdout == buffer.getvalue() and len(proc.stdout) > 2000
+    bad = lab("run", "no-such-file.toml")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
