@@ -37,6 +37,12 @@ from lab.metrics import (
 # and a topk of this many; a refresh a topk of one more than this over all n points (measured, 40 runs
 # x 1000 points: topk of 11 63 us, of 65 91 us, gather + topk 11 of 64 12 us).
 CANDIDATES = 64
+# The row works on chunks of whole blocks of at most this many [run, point] values (1 MiB of float32):
+# one chunk for a study of a few hundred runs, cache-sized pieces for thousands.
+_ROW_ELEMENTS = 1 << 18
+# Losses whose |psi(e)| is a non-decreasing function of |e|: their largest per-sample gradients sit at
+# their largest residuals, so one search for the largest |e| serves p99 |e| and the top-1% share.
+_BY_ABS_RESID = frozenset({"mse", "rmse", "mae", "huber", "smooth_l1", "log_cosh", "pseudo_huber"})
 
 
 def _effective_line(named: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,46 +79,43 @@ class LargestResiduals:
         self.x_max = x.abs().amax((1, 2))  # [N]
         self.y_max = y3.abs().amax((1, 2))  # [N] training units
         self.eps = torch.finfo(x.dtype).eps
-        self.index: torch.Tensor | None = None  # [N, M] candidate points
-        self.bound = self.w0 = self.b0 = self.w0_abs = None  # [N] each, from the snapshot
-        self.hits = self.refreshes = 0  # rows proved from the candidates, runs refreshed
+        N = len(self.x_max)
+        self.index = torch.zeros(N, candidates, dtype=torch.long, device=x.device)  # [N, M] candidate points
+        # from each run's snapshot: the largest |r_i| outside the candidates, the line's w, b and mean |w|
+        self.bound, self.w0, self.b0, self.w0_abs = (torch.zeros_like(self.x_max) for _ in range(4))
+        self.fresh = torch.ones(N, dtype=torch.bool, device=x.device)  # no snapshot yet
+        self.hits = self.refreshes = 0  # calls answered from the candidates alone, runs refreshed
 
-    def largest(self, resid: torch.Tensor, named: dict, sd: torch.Tensor | None, m: int):
-        """The m largest |resid| per run, descending, and their point indices ([N, m] each).
+    def largest(self, resid: torch.Tensor, line: tuple, sd: torch.Tensor | None, m: int, runs: slice):
+        """The m largest |resid| per run, descending, and their point indices ([R, m] each).
 
-        resid [N, n] in original units; named: the parameter views; sd [N] or None (no scaling).
+        resid [R, n] in original units for the population's runs `runs` (a slice); line: the
+        population's (w, b, mean |w|) [N] each from `_effective_line`; sd [N] or None (no scaling).
         """
-        w, b, w_abs = _effective_line(named, self.kind)
-        if self.index is None:
-            top, index = largest(resid.abs(), self.candidates + 1)
-            self._snapshot(slice(None), top, index, w, b, w_abs)
-            return top[:, :m], index[:, :m]
-        moved = (w - self.w0).abs() * self.x_max + (b - self.b0).abs()
+        w, b, w_abs = (v[runs] for v in line)
+        x_max, y_max, index = self.x_max[runs], self.y_max[runs], self.index[runs]
+        w0, b0, w0_abs = self.w0[runs], self.b0[runs], self.w0_abs[runs]
+        moved = (w - w0).abs() * x_max + (b - b0).abs()
         # each residual is ~3 roundings of |x w| + |b| + |y|, at the snapshot and now: room for both
-        size = self.x_max * torch.maximum(w_abs, self.w0_abs) + torch.maximum(b.abs(), self.b0.abs()) + self.y_max
+        size = x_max * torch.maximum(w_abs, w0_abs) + torch.maximum(b.abs(), b0.abs()) + y_max
         margin = moved + 8 * self.eps * size
         if sd is not None:
-            margin = margin * sd
-        top, pos = resid.gather(1, self.index).abs_().topk(m, dim=1)
-        where = self.index.gather(1, pos)
-        failed = top[:, -1] < self.bound + margin
+            margin = margin * sd[runs]
+        top, pos = resid.gather(1, index).abs_().topk(m, dim=1)
+        where = index.gather(1, pos)
+        failed = (top[:, -1] < self.bound[runs] + margin) | self.fresh[runs]
         if not bool(failed.any()):
             self.hits += 1
             return top, where
-        runs = failed.nonzero()[:, 0]
-        full, index = largest(resid[runs].abs(), self.candidates + 1)
-        self._snapshot(runs, full, index, w, b, w_abs)
-        top[runs], where[runs] = full[:, :m], index[:, :m]
+        redo = failed.nonzero()[:, 0]
+        full, full_index = largest(resid[redo].abs(), self.candidates + 1)
+        at = redo + runs.start  # population rows
+        self.index[at], self.bound[at] = full_index[:, :self.candidates], full[:, self.candidates]
+        self.w0[at], self.b0[at], self.w0_abs[at] = w[redo], b[redo], w_abs[redo]
+        self.fresh[at] = False
+        self.refreshes += len(redo)
+        top[redo], where[redo] = full[:, :m], full_index[:, :m]
         return top, where
-
-    def _snapshot(self, runs, top, index, w, b, w_abs):
-        if self.index is None:
-            self.index, self.bound = index[:, :self.candidates].clone(), top[:, self.candidates].clone()
-            self.w0, self.b0, self.w0_abs = w.clone(), b.clone(), w_abs.clone()
-        else:
-            self.index[runs], self.bound[runs] = index[:, :self.candidates], top[:, self.candidates]
-            self.w0[runs], self.b0[runs], self.w0_abs[runs] = w[runs], b[runs], w_abs[runs]
-        self.refreshes += len(top)
 
 
 class ResidualMoments:
@@ -178,35 +181,14 @@ def population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: 
     """
     step, N = h.step, P.shape[0]
     n = resids[0].shape[1]
-    # One [N, n] tensor per quantity: the row is a few passes over the population, each op launched
-    # once (per block, ~40 small tensor ops per row were mostly launch overhead).
-    e, psi = _cat(resids), _cat(psis)  # [N, n, k] training units
-    resid = e.mean(-1) if pop.k > 1 else e[..., 0]
-    if pop.any_norm:
-        resid = resid * pop.sd  # original units: pred - y = sd e
-    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
-    # One search for the largest |resid| serves p99 |resid| and, where |psi| grows with |e|, the top-1%
-    # gradient share: the largest |psi| sit at the largest |e| (sd > 0 keeps the order).
-    below, count = quantile_rank(n, 0.99)[0], top_count(n, 0.01)
-    m = max(n - below, count)
-    if pop.largest is not None:
-        top_resid, where = pop.largest.largest(resid, pop.named, pop.sd[:, 0] if pop.any_norm else None, m)
-    else:
-        top_resid, where = largest(resid.abs(), m)
-    on_top = per_sample.gather(1, where[:, :count]).sum(-1)
-    for runs in pop.psi_not_by_abs:  # runs (contiguous, one loss each) whose largest |psi| sit elsewhere
-        on_top[runs] = largest(per_sample[runs], count)[0].sum(-1)
-    total = per_sample.sum(-1).clamp_min(torch.finfo(per_sample.dtype).tiny)
-    outlier_share, top = torch.linalg.vecdot(per_sample, pop.outlier_f) / total, on_top / total
-    p99 = quantile_from_top(top_resid, n, 0.99)
-    if pop.moments is not None:
-        kurtosis = pop.moments.kurtosis(_effective_line(pop.named, pop.model.kind)[0], n)
-    else:
-        c = resid - resid.mean(-1, keepdim=True)
-        c2 = c * c
-        kurtosis = kurtosis_from_sums(c2.sum(-1), torch.linalg.vecdot(c2, c2), n)  # c^4 summed without a tensor
-    ahead = resid if pop.k == 1 else e[..., 0]  # the first output's residual (sd > 0 keeps its sign)
-    cover = (ahead.sign() + 1).clamp_(max=1).sum(-1) / n  # share of ahead >= 0 (see coverage_of_residuals)
+    line = _effective_line(pop.named, pop.model.kind) if pop.model.kind in ("linear", "constant") else None
+    dist = _cat([_distribution(pop, runs, blocks, e, psi, line)
+                 for runs, blocks, e, psi in _row_chunks(pop, resids, psis)], dim=1)
+    on_outliers, on_top, total, p99, ahead, *central = dist.unbind(0)
+    total = total.clamp_min(torch.finfo(total.dtype).tiny)
+    outlier_share, top = on_outliers / total, on_top / total
+    kurtosis = pop.moments.kurtosis(line[0], n) if pop.moments is not None else kurtosis_from_sums(*central, n)
+    cover = ahead / n
     if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
         has_grad = (chain != 0).to(P.dtype)
         outlier_share, top = outlier_share * has_grad, top * has_grad
@@ -245,6 +227,63 @@ def population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: 
         *named_now.unbind(1),
     ]
     return torch.stack(rows)
+
+
+def _row_chunks(pop, resids, psis):
+    """Consecutive whole blocks joined into chunks of at most _ROW_ELEMENTS values: (runs slice, blocks,
+    e, psi [R, n, k]). Few chunks keep the row's op count low; bounded ones keep its tensors in cache."""
+    chunk, size = [], 0
+    for blk, e, psi in zip(pop.blocks, resids, psis):
+        if chunk and size + e.numel() > _ROW_ELEMENTS:
+            yield _join_chunk(chunk)
+            chunk, size = [], 0
+        chunk.append((blk, e, psi))
+        size += e.numel()
+    if chunk:
+        yield _join_chunk(chunk)
+
+
+def _join_chunk(chunk):
+    blocks = [blk for blk, _, _ in chunk]
+    runs = slice(blocks[0].runs.start, blocks[-1].runs.stop)
+    return runs, blocks, _cat([e for _, e, _ in chunk]), _cat([psi for _, _, psi in chunk])
+
+
+def _distribution(pop, runs: slice, blocks, e, psi, line) -> torch.Tensor:
+    """Per-run sums over the points of the runs `runs` ([5, R], or [7, R] without ResidualMoments): sum
+    |psi| on outliers, sum of the top-1% |psi|, sum |psi|, p99 |resid|, the count of resid >= 0 (the
+    coverage), and for the kurtosis the sums of c^2 and c^4 (c = resid - its mean)."""
+    n = e.shape[1]
+    resid = e.mean(-1) if pop.k > 1 else e[..., 0]
+    if pop.any_norm:
+        resid = resid * pop.sd[runs]  # original units: pred - y = sd e
+    per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
+    # One search for the largest |resid| serves p99 |resid| and, where |psi| grows with |e|, the top-1%
+    # gradient share: the largest |psi| sit at the largest |e| (sd > 0 keeps the order).
+    below, count = quantile_rank(n, 0.99)[0], top_count(n, 0.01)
+    m = max(n - below, count)
+    if pop.largest is not None:
+        top_resid, where = pop.largest.largest(resid, line, pop.sd[:, 0] if pop.any_norm else None, m, runs)
+    else:
+        top_resid, where = largest(resid.abs(), m)
+    on_top = per_sample.gather(1, where[:, :count]).sum(-1)
+    for blk in blocks:
+        if not (blk.spec.name in _BY_ABS_RESID and pop.k == 1):  # the largest |psi| may sit elsewhere
+            local = slice(blk.runs.start - runs.start, blk.runs.stop - runs.start)
+            on_top[local] = largest(per_sample[local], count)[0].sum(-1)
+    ahead = resid if pop.k == 1 else e[..., 0]  # the first output's residual (sd > 0 keeps its sign)
+    sums = [
+        torch.linalg.vecdot(per_sample, pop.outlier_f[runs]),
+        on_top,
+        per_sample.sum(-1),
+        quantile_from_top(top_resid, n, 0.99),
+        (ahead.sign() + 1).clamp_(max=1).sum(-1),  # count of ahead >= 0 (see coverage_of_residuals)
+    ]
+    if pop.moments is None:
+        c = resid - resid.mean(-1, keepdim=True)
+        c2 = c * c
+        sums += [c2.sum(-1), torch.linalg.vecdot(c2, c2)]  # sum of c^4 without a [R, n] tensor of it
+    return torch.stack(sums)
 
 
 def _residuals(pop, blk, e: torch.Tensor) -> torch.Tensor:
@@ -291,5 +330,5 @@ def population_histograms(pop, step, resids, psis, chain, on_hist, inverse):
         on_hist(step, tag, counts.cpu().numpy()[inverse], lo.cpu().numpy()[inverse], hi.cpu().numpy()[inverse])
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

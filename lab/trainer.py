@@ -46,9 +46,6 @@ STATUSES = ("completed", "diverged", "interrupted", "failed")
 # Parameter histories (flip rate, parameter amplitude) are kept for models this small; bigger models
 # keep a per-step flip-rate history instead and log no parameter amplitude (NaN).
 _TRACK_PARAMS = 64
-# Losses whose |psi(e)| is a non-decreasing function of |e|: their largest per-sample gradients sit at
-# their largest residuals, so the log row ranks residuals once for both p99 |e| and the top-1% share.
-_BY_ABS_RESID = frozenset({"mse", "rmse", "mae", "huber", "smooth_l1", "log_cosh", "pseudo_huber"})
 # Runs are processed in blocks of at most this many [run, point] values (512 KiB of float32): a block's
 # tensors stay in cache through the ~30 elementwise ops of a step, where one op over a whole large
 # population streams every tensor through main memory. Measured on 10 000 runs x 1000 points, 100
@@ -185,7 +182,6 @@ class _Population:
     shapes: _Flat
     moments: log_row.ResidualMoments | None  # the residual kurtosis without a pass (line models)
     largest: log_row.LargestResiduals | None  # candidates for the row's order statistics (CPU, line models)
-    psi_not_by_abs: list  # slices of runs whose largest |psi| need not sit at their largest |e|
     compiled: bool = False
 
     def forward(self, named: dict, x: torch.Tensor) -> torch.Tensor:
@@ -516,9 +512,7 @@ def _setup(cfgs, datasets, device, dtype):
                       any_norm=any_norm, root=root, ref_loss=ref_loss, ref_params=ref_params,
                       true_params=true_params, k=k, shapes=shapes,
                       moments=log_row.ResidualMoments(x, y) if line else None,
-                      largest=log_row.LargestResiduals(x, y3, model.kind) if candidates else None,
-                      psi_not_by_abs=[slice(blk.runs.start, blk.runs.stop) for blk in blocks
-                                      if not (blk.spec.name in _BY_ABS_RESID and k == 1)])
+                      largest=log_row.LargestResiduals(x, y3, model.kind) if candidates else None)
     return pop, P, refs, tol, named_keys, shapes
 
 

@@ -226,6 +226,13 @@ def test_blocks_of_runs_do_not_change_any_number(monkeypatch):
     v_big = np.concatenate([b.values for b in blocks_big])
     v_small = np.concatenate([b.values for b in blocks_small])
     assert np.allclose(v_big, v_small, rtol=1e-12, atol=1e-15, equal_nan=True)
+    # and the log row taken chunk by chunk (one block each) rather than all blocks at once
+    from lab import log_row
+
+    monkeypatch.setattr(log_row, "_ROW_ELEMENTS", 1)
+    _, _, blocks_chunked = train(cfgs)
+    v_chunked = np.concatenate([b.values for b in blocks_chunked])
+    assert np.allclose(v_big, v_chunked, rtol=1e-12, atol=1e-15, equal_nan=True)
 
 
 def _least_squares_loss(x, y):
