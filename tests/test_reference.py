@@ -1,8 +1,9 @@
-"""Tests for lab.reference: the exact float64 optimum of a loss on a run's training data.
+"""Tests for lab.reference (and lab.quantile_fit, its L1 / quantile solvers): the exact float64 optimum of a
+loss on a run's training data.
 
 Expected values come from independent computations: np.polyfit and the normal equations (least squares),
 np.median / np.quantile (constant L1 / pinball fits), the primal split-residual LP built here with
-scipy.optimize.linprog (the solver itself uses the dual), HiGHS on the dual LP (``reference._quantile_lp``,
+scipy.optimize.linprog (the solver itself uses the dual), HiGHS on the dual LP (``quantile_fit.lp``,
 the linear quantile solver before the pivot descent and now its fallback), the minimum over every line
 through two data points (an L1 / pinball fit has one among them), scipy.optimize.minimize on the same
 objective, and properties that hold at a minimum (zero gradient, no lower point nearby, an L1 line through
@@ -21,7 +22,7 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linprog, minimize
 
-from lab import losses, reference
+from lab import losses, quantile_fit, reference
 from lab.reference import Reference, solve, solve_many
 
 CONVEX = [
@@ -234,7 +235,7 @@ def test_pivot_descent_equals_the_highs_lp(n, tau, monkeypatch):
     solve_many with the descent switched off (_PIVOT_MAX_ITER = 0 leaves every run to the fallback)."""
     x, y, w, names = quantile_problems(n, seed=1000 * n + int(100 * tau))
     pivot = solve_many("quantile", {"tau": tau}, "linear", x, y, w)
-    monkeypatch.setattr(reference, "_PIVOT_MAX_ITER", 0)
+    monkeypatch.setattr(quantile_fit, "_PIVOT_MAX_ITER", 0)
     highs = solve_many("quantile", {"tau": tau}, "linear", x, y, w)
     for r, kind in enumerate(names):
         one_x = np.ptp(x[r][w[r] > 0]) == 0  # the slope is pinned to 0 and the sort answers, both ways
@@ -274,8 +275,8 @@ def test_certificate_accepts_exactly_the_optimal_lines(tau):
                           for t in zip(slope, intercept)])
         best = value.min()
         rows = len(p)
-        certified = reference._pivot_certificate(np.tile(x, (rows, 1)), np.tile(y, (rows, 1)),
-                                                 np.tile(w / w.sum(), (rows, 1)), tau, slope, intercept, p, q)
+        certified = quantile_fit._pivot_certificate(np.tile(x, (rows, 1)), np.tile(y, (rows, 1)),
+                                                    np.tile(w / w.sum(), (rows, 1)), tau, slope, intercept, p, q)
         optimal = value <= best + 1e-13 * max(best, 1.0)
         np.testing.assert_array_equal(certified, optimal, err_msg=kind)
         ref = solve("quantile", {"tau": tau}, "linear", x, y, weight=w)
@@ -286,8 +287,8 @@ def test_uncertified_runs_fall_back_to_highs(monkeypatch):
     """A run whose certificate fails is solved by HiGHS, and says so; the others keep the descent."""
     x, y, w, names = quantile_problems(50, seed=3)
     expected = solve_many("quantile", {"tau": 0.3}, "linear", x, y, w)
-    certify = reference._pivot_certificate
-    monkeypatch.setattr(reference, "_pivot_certificate",
+    certify = quantile_fit._pivot_certificate
+    monkeypatch.setattr(quantile_fit, "_pivot_certificate",
                         lambda *a: certify(*a) & (np.arange(len(a[0])) % 2 == 0))  # refuse every other run
     mixed = solve_many("quantile", {"tau": 0.3}, "linear", x, y, w)
     refused = [r for r in range(len(names)) if names[r] != "one_x"][1::2]  # one_x never reaches the test
@@ -300,8 +301,8 @@ def test_quantile_levels_report_each_method_once(monkeypatch):
     """k levels are k solves; where they used different methods, the run's method names both."""
     x, y = data(n=80, seed=21)
     assert solve("quantile", {"tau": [0.2, 0.9]}, "linear", x, y).method == "pivot"
-    certify = reference._pivot_certificate
-    monkeypatch.setattr(reference, "_pivot_certificate",
+    certify = quantile_fit._pivot_certificate
+    monkeypatch.setattr(quantile_fit, "_pivot_certificate",
                         lambda x, y, w, tau, *a: certify(x, y, w, tau, *a) & (tau != 0.9))  # refuse one level
     assert solve("quantile", {"tau": [0.2, 0.9, 0.5]}, "linear", x, y).method == "pivot+lp-highs"
 
