@@ -11,9 +11,11 @@ is a handful of fused tensor ops instead of an autograd graph. Runs with differe
 out contiguously by loss; each group computes its loss, psi and its share of the gradient on its own
 slice, and only the [N, P] gradients are joined before the one shared update.
 
-What a step costs (a 200-run study on a 2-core CPU, see lab/bench.py): ~140 tensor ops, ~1.2 ms. The
-[runs, n] ops of the loss blocks dominate (the per-step loss value alone is half of it), so everything
-else is kept off the per-step path: runs are processed in cache-sized blocks (`_BLOCK_ELEMENTS`); the
+What a step costs (a 200-run study on a 2-core CPU, see lab/bench.py): ~0.7 ms, was ~1.4 ms before
+each loss computed psi and its value in one pass over the residuals (lab.fused: the value as a dot
+product with psi where it is one, log-cosh from one exp and one log). The [runs, n] ops of the loss
+blocks dominate, so everything else is kept off the per-step path: runs are processed in cache-sized
+blocks (`_BLOCK_ELEMENTS`); the
 linear model's forward and vjp are elementwise (x * w + b, sum(psi * x)) instead of batched matmuls
 with 1x1 matrices (1.6 ms -> 0.04 ms for 200 runs); the parameters are updated in place (the views
 stay valid); the oscillation metrics read short histories of parameters and losses written once per
