@@ -390,7 +390,34 @@ def markdown(fig: dict) -> str:
     head = f"Measured by `scripts/bench` on {where}, torch {m['torch']}, {threads}, device {fig['device']}."
     lines = [head, "", "| measure | value |", "| --- | --- |"]
     lines += [f"| {a} | {b} |" for a, b in rows]
-    return "\n".join(lines) + "\n"
+    met, missed = targets_met(fig)
+    notes = ("The usual loop is one `nn.Linear`, one `torch.optim.SGD` and one `SummaryWriter` per run, logging the "
+             "same tags at the same steps, on the same data from the same initial parameters.")
+    if met:
+        notes += " Targets met: " + ", ".join(met) + "."
+    if missed:
+        notes += " Not met: " + ", ".join(missed) + "."
+    if fig["device"] == "cpu":
+        notes += (" CPU only: no CUDA figures in this table (`scripts/bench --device cuda` on a machine with a GPU "
+                  "measures them).")
+    return "\n".join(lines) + "\n\n" + notes + "\n"
+
+
+def targets_met(fig: dict) -> tuple[list[str], list[str]]:
+    """The issue's targets, each as 'name (value vs target)', split into met and missed."""
+    checks = [("speedup", fig["speedup"], ">=", TARGETS["speedup"], "{:.0f}x"),
+              ("default logging overhead", fig["logging_overhead_default"], "<=", TARGETS["logging_overhead_default"],
+               "{:+.0%}"),
+              ("every-step logging overhead", fig["logging_overhead_every_step"], "<=",
+               TARGETS["logging_overhead_every_step"], "{:+.0%}"),
+              ("single run", fig["single_run_ratio"], "<=", TARGETS["single_run_ratio"], "{:.2f}x")]
+    if fig.get("scale_10k_s") is not None:
+        checks.append(("10,000 runs", fig["scale_10k_s"], "<", TARGETS["scale_10k_s"], "{:.0f} s"))
+    met, missed = [], []
+    for name, value, op, target, form in checks:
+        ok = value >= target if op == ">=" else value <= target if op == "<=" else value < target
+        (met if ok else missed).append(f"{name} ({form.format(value)} vs {op} {form.format(target)})")
+    return met, missed
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,48 @@
+"""Tests for lab.bench (scripts/bench): it runs end to end on a small study, writes every figure the
+issue asks for, compares the same runs with the usual loop, and reports its targets truthfully.
+No timing is asserted (speed is measured by the benchmark, never by tests)."""
+
+import json
+
+import pytest
+
+from lab import bench
+
+REQUIRED = ("speedup", "same_final_params", "logging_overhead_default", "logging_overhead_every_step",
+            "single_run_ratio", "scale_10k_s", "scale_10k_peak_mb", "machine")
+
+
+def test_a_small_benchmark_writes_every_figure(tmp_path):
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = bench.main(["--seeds", "1", "--steps", "30", "--baseline-runs", "10", "--scale-runs", "40",
+                       "--repeats", "1", "--out", str(out), "--markdown", str(md)])
+    assert code == 0
+    fig = json.loads(out.read_text())
+    assert set(REQUIRED) <= set(fig)
+    assert fig["runs"] == 20 and fig["lab_runs_completed"] == 20 and fig["baseline_runs"] == 10
+    # the usual loop (nn.Linear + torch.optim.SGD + autograd) and the lab reach the same parameters
+    assert fig["same_final_params"] is True
+    assert fig["scale_runs"] == 40 and fig["scale_10k_s"] > 0
+    assert {"cores", "cpu", "torch"} <= set(fig["machine"])
+    text = md.read_text()
+    assert "| speedup |" in text and ("Targets met:" in text or "Not met:" in text)
+
+
+@pytest.mark.parametrize("speedup,every,expect_missed", [(60.0, 0.2, []), (40.0, 0.2, ["speedup"]),
+                                                         (60.0, 0.9, ["every-step logging overhead"])])
+def test_targets_are_reported_as_met_or_missed(speedup, every, expect_missed):
+    fig = {"speedup": speedup, "logging_overhead_default": 0.05, "logging_overhead_every_step": every,
+           "single_run_ratio": 0.4, "scale_10k_s": 250.0}
+    met, missed = bench.targets_met(fig)
+    assert [m.split(" (")[0] for m in missed] == expect_missed
+    assert len(met) + len(missed) == 5
+    assert all("vs" in m for m in met + missed)
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--seeds", "many"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert bench.main(["--seeds", "0"]) == 2
