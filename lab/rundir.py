@@ -9,7 +9,9 @@
 
 Every file is written to a temporary name and renamed, so a reader never sees half a file, and
 directories are made with one `mkdir` that fails if the name exists, so two sweeps writing into the
-same runs directory never share or overwrite a run.
+same runs directory never share or overwrite a run. A study makes its run directories durable in
+batches (lab.atomic.deferred_sync; the order that keeps --resume right is in lab.study), not with an
+fsync per file.
 """
 
 from __future__ import annotations

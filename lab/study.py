@@ -13,9 +13,11 @@ import os
 import re
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,8 @@ from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 
+from lab import atomic, data, events, rundir, trainer
 from lab import config as config_mod
-from lab import data, rundir, trainer
 from lab.config import Config, ConfigError
 from lab.events import EventWriter
 
@@ -213,12 +215,13 @@ def execute(runs: list[Run], runs_dir: Path, figures: bool = False, on_done: Cal
     for r in runs:
         groups.setdefault(trainer.population_key(r.config), []).append(r)
     hkeys = list(dict.fromkeys(list(HPARAM_KEYS) + [k for r in runs for k in r.swept]))
-    with _Stop() as stop:
+    # Files are synced in batches, not one fsync each: see _train_population for the order.
+    with _Stop() as stop, atomic.deferred_sync():
         for population in groups.values():
             if interrupted:
                 for r in population:
-                    _prepare(r, runs_dir)
-                    _finish(r, None, "interrupted", hkeys, None)
+                    flat = _prepare(r, runs_dir)
+                    _finish(r, None, "interrupted", hkeys, None, flat)
                     _notify(on_done, r)
                 continue
             try:
@@ -233,31 +236,45 @@ def _notify(on_done, run):
         on_done(run)
 
 
-def _prepare(run: Run, runs_dir: Path) -> None:
+def _prepare(run: Run, runs_dir: Path) -> dict:
+    """Make the run's directory and write its config.toml; returns the flat config for later files."""
     if run.dir is None:
         run.dir = rundir.create(runs_dir, run.name)
-    rundir.write_config(run.dir, config_mod.to_dict(run.config))
+    table = config_mod.to_dict(run.config)
+    rundir.write_config(run.dir, table)
+    return config_mod.flatten(table)  # = config_mod.to_flat(run.config), built once per run
 
 
 def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, flush_every, stop) -> bool:
-    """Train one population; on an exception retry its runs alone so one bad run fails alone."""
+    """Train one population; on an exception retry its runs alone so one bad run fails alone.
+
+    Durability (what an OS crash or power loss may take; a killed process loses nothing written):
+    --resume skips a run whose summary.json says completed and keeps the files beside it, which
+    lab.claim_measures reads (data.npz, the event file), so those must be on disk whenever such a
+    summary is. The summary itself need not be: lost, empty or cut short, it reads as broken and
+    --resume trains the run again, rewriting config.toml and data.npz. So nothing is fsynced per
+    file: every file of the population is synced at once before its first summary is written, and
+    once more after the summaries, so a finished population stays finished. Two sync(2) calls per
+    population instead of three fsyncs per run, and the event files, never synced before, are now
+    covered too. A failed or interrupted run needs no order: its status makes --resume retrain it.
+    """
     datasets, writers = [], []
-    for r in population:
-        _prepare(r, runs_dir)
+    flats = [_prepare(r, runs_dir) for r in population]
     try:
         for r in population:
             ds = data.make(r.config.data.kind, seed=r.config.seed, **config_mod.data_params(r.config.data))
             ds.save(r.dir / "data.npz")
             datasets.append(ds)
         writers = [EventWriter(r.dir) for r in population]
-        for r, w in zip(population, writers):
-            w.add_text("config", _config_markdown(r.config))
-        results = trainer.train([r.config for r in population], datasets, on_log=_log_writer(writers),
-                                on_hist=_hist_writer(writers), flush_every=flush_every,
+        for flat, w in zip(flats, writers):
+            w.add_text("config", _config_markdown(flat))
+        flusher = _Flusher(writers)  # one for both callbacks: scalars and histograms share the budget
+        results = trainer.train([r.config for r in population], datasets, on_log=_log_writer(writers, flusher),
+                                on_hist=_hist_writer(writers, flusher), flush_every=flush_every,
                                 should_stop=lambda: stop.requested)
     except KeyboardInterrupt:
-        for r, w in zip(population, writers or [None] * len(population)):
-            _finish(r, None, "interrupted", hkeys, w)
+        for r, w, flat in zip(population, writers or [None] * len(population), flats):
+            _finish(r, None, "interrupted", hkeys, w, flat)
             _notify(on_done, r)
         return True
     except Exception as e:  # noqa: BLE001 — recorded per run, never lost
@@ -274,51 +291,132 @@ def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, 
                     break
             return interrupted
         r = population[0]
-        _finish(r, None, "failed", hkeys, None, error=f"{e.__class__.__name__}: {e}",
+        _finish(r, None, "failed", hkeys, None, flats[0], error=f"{e.__class__.__name__}: {e}",
                 trace=traceback.format_exc(limit=8))
         _notify(on_done, r)
         return False
-    for r, w, ds, res in zip(population, writers, datasets, results):
+    for r, w, ds, res, flat in zip(population, writers, datasets, results, flats):
         if figures:
             try:
                 _figures(r, w, ds, res)
             except Exception as e:  # noqa: BLE001 — a figure never costs the results (this run's or the others')
                 print(f"note: figures of {r.name} skipped: {e.__class__.__name__}: {e}", file=sys.stderr)
-        _finish(r, res, res.status, hkeys, w)
+        _close_events(res, hkeys, w, flat)
+    atomic.sync()  # every file a summary vouches for is on disk before any summary is
+    for r, res, flat in zip(population, results, flats):
+        _write_summary(r, res, res.status, flat)
         _notify(on_done, r)
+    atomic.sync()
     return any(res.status == "interrupted" for res in results)
 
 
-def _log_writer(writers):
+class _Flusher:
+    """Flushes a population's event writers together, and rarely: a file open and write per run is
+    the costly part of writing events, so records wait in memory until one of
+
+      - `max_bytes` wait in all the writers together (memory stays bounded whatever the number of
+        runs; checked after scalars and histograms alike),
+      - at the end of a scalar block, `seconds` have passed since the last flush (a TensorBoard
+        watching the study sees new points within that delay plus its reload interval), and at
+        least `cost_ratio` times as long as the last flush took, so that flushing costs at most
+        1 / cost_ratio of the study's time however many runs it holds.
+
+    A process that dies loses what waits; its runs have no completed summary, so --resume trains
+    them again from a fresh event file anyway.
+    """
+
+    def __init__(self, writers: list[EventWriter], max_bytes: int = 64 << 20, seconds: float = 2.0,
+                 cost_ratio: float = 20.0):
+        self.writers, self.max_bytes, self.seconds, self.cost_ratio = writers, max_bytes, seconds, cost_ratio
+        self.last, self.cost = time.monotonic(), 0.0
+
+    def __call__(self, block_end: bool) -> None:
+        start = time.monotonic()
+        due = block_end and start - self.last >= max(self.seconds, self.cost_ratio * self.cost)
+        if due or sum(w.pending_bytes for w in self.writers) >= self.max_bytes:
+            for w in self.writers:
+                w.flush()
+            self.last = time.monotonic()
+            self.cost = self.last - start
+
+
+def _log_writer(writers, flusher: _Flusher | None = None):
+    flusher = _Flusher(writers) if flusher is None else flusher
+
     def on_log(block: trainer.LogBlock):
-        for i, w in enumerate(writers):
-            w.add_scalar_block(block.tags, block.steps, block.values[:, :, i])
-            w.flush()  # events on disk as they come: memory grows with runs x n, not with logged steps
+        # One encoding pass for the whole population: every run logs the same tags at the same steps.
+        events.add_scalar_blocks(writers, block.tags, block.steps, block.values, block.wall_time)
+        flusher(block_end=True)
     return on_log
 
 
-def _hist_writer(writers):
+def _hist_writer(writers, flusher: _Flusher | None = None):
+    flusher = _Flusher(writers) if flusher is None else flusher
+
     def on_hist(step, tag, counts, lo, hi):
-        bins = counts.shape[1]
-        for i, w in enumerate(writers):
-            edges = np.linspace(float(lo[i]), float(hi[i]), bins + 1)  # float64: a diverging run overflows float32
-            mids = (edges[:-1] + edges[1:]) / 2
-            c = counts[i]
-            w.add_histogram_raw(tag, min=float(lo[i]), max=float(hi[i]), num=int(c.sum()), sum=float((c * mids).sum()),
-                                sum_squares=float((c * mids**2).sum()), bucket_limits=edges[1:].tolist(),
-                                bucket_counts=c.tolist(), step=step)
+        # counts [N, bins], lo and hi [N]: run i's bins are equal between lo[i] and hi[i]. A diverged
+        # run's range overflows even float64 and gives inf and NaN edges and sums, as it always did.
+        with np.errstate(over="ignore", invalid="ignore"):
+            edges = _linspace_rows(lo, hi, counts.shape[1])  # [N, bins + 1] float64: float32 would overflow
+            mids = (edges[:, :-1] + edges[:, 1:]) / 2
+            sums, sum_squares = (counts * mids).sum(axis=1), (counts * mids**2).sum(axis=1)
+        events.add_histograms_raw(writers, tag, step, min=lo, max=hi, num=np.trunc(counts.sum(axis=1)), sum=sums,
+                                  sum_squares=sum_squares, bucket_limits=edges[:, 1:], bucket_counts=counts)
+        flusher(block_end=False)
     return on_hist
 
 
-def _config_markdown(cfg: Config) -> str:
+def _linspace_rows(lo, hi, bins: int) -> np.ndarray:
+    """np.linspace(lo[i], hi[i], bins + 1) in float64 for every row i at once, bit for bit ([N] -> [N, bins + 1]).
+
+    np.linspace with array ends is not the same: it takes its tiny-step branch (numpy gh-5437, which
+    divides before it multiplies) for every row as soon as one row's step is zero.
+    """
+    if bins < 1:
+        raise ValueError(f"need at least 1 bin, got {bins}")
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    k = np.arange(bins + 1, dtype=np.float64)
+    delta = hi - lo
+    step = delta / bins
+    edges = k * step[:, None]
+    zero = step == 0
+    if zero.any():
+        edges[zero] = k / bins * delta[zero, None]
+    edges += lo[:, None]
+    edges[:, -1] = hi
+    return edges
+
+
+def _config_markdown(flat: dict) -> str:
     rows = ["| key | value |", "| --- | --- |"]
-    rows += [f"| {k} | {v} |" for k, v in config_mod.to_flat(cfg).items()]
+    rows += [f"| {k} | {v} |" for k, v in flat.items()]
     return "\n".join(rows)
 
 
-def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer, error=None, trace=None) -> None:
-    """Write summary.json (atomically), the hparams record, and close the event file."""
-    flat = config_mod.to_flat(run.config)
+def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer, flat: dict | None = None,
+            error=None, trace=None) -> None:
+    """Close the event file (with the hparams record) and write summary.json (atomically)."""
+    if writer is not None:
+        _close_events(res, hkeys, writer, config_mod.to_flat(run.config) if flat is None else flat)
+    _write_summary(run, res, status, flat, error, trace)
+
+
+def _close_events(res: trainer.RunResult | None, hkeys, writer, flat: dict) -> None:
+    """The custom-scalars layout and the hparams record (for a run with results), then close."""
+    if res is not None:
+        writer.add_summary(custom_scalars_layout(res.final), step=0)
+        hparams = {k: _hparam_value(flat.get(k)) for k in hkeys}
+        metrics = {m: res.final.get(tag, float("nan")) for m, tag in FINAL_METRICS.items()}
+        # experiment=False: TensorBoard unions the hparams of every run below --logdir, so runs of
+        # sweeps with different swept keys all show their columns (with one experiment summary per
+        # run, the plugin would take an arbitrary run's columns for all).
+        writer.add_hparams(hparams, metrics, step=max(res.steps, 0), experiment=False)
+    writer.close()
+
+
+def _write_summary(run: Run, res: trainer.RunResult | None, status: str, flat: dict | None = None,
+                   error=None, trace=None) -> None:
+    flat = config_mod.to_flat(run.config) if flat is None else flat
     summary = {"status": status, "name": run.name, "swept": run.swept, "config": flat,
                "resolved": _resolved(run.config)}
     if res is not None:
@@ -328,16 +426,6 @@ def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer,
     if error:
         summary["error"] = error
         summary["traceback"] = trace
-    if writer is not None:
-        if res is not None:
-            writer.add_summary(custom_scalars_layout(res.final), step=0)
-            hparams = {k: _hparam_value(flat.get(k)) for k in hkeys}
-            metrics = {m: res.final.get(tag, float("nan")) for m, tag in FINAL_METRICS.items()}
-            # experiment=False: TensorBoard unions the hparams of every run below --logdir, so runs of
-            # sweeps with different swept keys all show their columns (with one experiment summary per
-            # run, the plugin would take an arbitrary run's columns for all).
-            writer.add_hparams(hparams, metrics, step=max(res.steps, 0), experiment=False)
-        writer.close()
     rundir.write_summary(run.dir, summary)
     run.summary = summary
 
@@ -367,6 +455,12 @@ def custom_scalars_layout(tags) -> summary_pb2.Summary:
     run, so e.g. `loss/train` of all losses of a sweep lands on one chart. Every run writes the same
     layout; TensorBoard merges the layouts of all runs and drops repeated charts.
     """
+    return summary_pb2.Summary.FromString(_custom_scalars_layout(tuple(tags)))
+
+
+@lru_cache(maxsize=64)
+def _custom_scalars_layout(tags: tuple[str, ...]) -> bytes:
+    """The serialised layout, built once per tag tuple: every run of a population has the same tags."""
     by_namespace: dict[str, list[str]] = {}
     for tag in tags:
         by_namespace.setdefault(tag.split("/")[0], []).append(tag)
@@ -379,7 +473,7 @@ def custom_scalars_layout(tags) -> summary_pb2.Summary:
                          tensor_shape=TensorShapeProto())
     return summary_pb2.Summary(value=[summary_pb2.Summary.Value(
         tag=custom_scalar_metadata.CONFIG_SUMMARY_TAG, metadata=custom_scalar_metadata.create_summary_metadata(),
-        tensor=tensor)])
+        tensor=tensor)]).SerializeToString()
 
 
 def _figures(run: Run, writer, ds, res) -> None:

@@ -1,4 +1,7 @@
-"""Atomic writes: the old file survives a failed write, and no temporary file is left behind."""
+"""Atomic writes: the old file survives a failed write, no temporary file is left behind, and each file is
+fsynced unless a deferred block makes many durable with one sync(2)."""
+
+import threading
 
 import pytest
 
@@ -26,3 +29,48 @@ def test_run_directories_and_datasets_share_one_implementation():
     from lab import data
 
     assert rundir.write_atomic is atomic.write_atomic is data.write_atomic
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every fsync and sync(2) made, in order: ('fsync', fd) or ('sync', None)."""
+    made = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: made.append(("fsync", fd)))
+    monkeypatch.setattr(atomic.os, "sync", lambda: made.append(("sync", None)))
+    return made
+
+
+def test_each_write_is_fsynced_outside_a_deferred_block(tmp_path, calls):
+    atomic.write_atomic(tmp_path / "a", "1")
+    atomic.write_atomic(tmp_path / "b", "2")
+    assert [kind for kind, _ in calls] == ["fsync", "fsync"]
+
+
+@pytest.mark.skipif(not atomic._SYNC_WAITS, reason="needs a sync(2) that waits (Linux)")
+def test_a_deferred_block_syncs_once_and_only_when_asked(tmp_path, calls):
+    with atomic.deferred_sync():
+        for i in range(5):
+            atomic.write_atomic(tmp_path / f"f{i}", str(i))
+        assert calls == []  # no fsync per file
+        atomic.sync()
+        assert calls == [("sync", None)]
+        with atomic.deferred_sync():  # nested: still deferred, and syncs on leaving
+            atomic.write_atomic(tmp_path / "nested", "x")
+        assert calls == [("sync", None)] * 2
+    assert calls == [("sync", None)] * 3  # leaving: what was written since is made durable
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["f0", "f1", "f2", "f3", "f4", "nested"]
+    atomic.write_atomic(tmp_path / "after", "y")  # outside again: fsync per file
+    assert calls[-1][0] == "fsync"
+
+
+@pytest.mark.skipif(not atomic._SYNC_WAITS, reason="needs a sync(2) that waits (Linux)")
+def test_deferring_is_per_thread_and_survives_an_exception(tmp_path, calls):
+    with pytest.raises(RuntimeError), atomic.deferred_sync():
+        thread = threading.Thread(target=atomic.write_atomic, args=(tmp_path / "other", "t"))
+        thread.start()
+        thread.join()
+        assert [kind for kind, _ in calls] == ["fsync"]  # another thread's write is not deferred
+        raise RuntimeError("training failed")
+    assert [kind for kind, _ in calls] == ["fsync", "sync"]  # left through an exception: still synced
+    atomic.write_atomic(tmp_path / "after", "y")
+    assert calls[-1][0] == "fsync"

@@ -20,6 +20,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import (
 )
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
+from lab import events
 from lab.events import EventWriter
 
 ALL = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
@@ -307,3 +308,117 @@ def test_invalid_inputs(tmp_path):
         with pytest.raises(TypeError, match="real numbers"):
             w.add_scalars(0, {"a": "high"})
     assert len(records(w.path)) == 1  # nothing half-written
+
+
+# -- a population: one encoding pass for N writers -------------------------------------------------
+
+def population_values(rng, n_steps, n_tags, n_runs):
+    """[S, T, N] float64 values with the cases float32 storage must handle."""
+    values = rng.standard_normal((n_steps, n_tags, n_runs)) * 10.0 ** rng.integers(-30, 30, (n_steps, n_tags, n_runs))
+    values[0, :, 0] = [np.nan, np.inf, -0.0][:n_tags]
+    values[1, :, 1] = [1e40, -1e39, 1e-46][:n_tags]  # beyond float32: +-inf; below: 0
+    return values
+
+
+@pytest.mark.parametrize("n_steps", [3, 40])  # beside the writers' event-by-event and vectorised encoders
+def test_population_writes_each_writer_what_its_own_block_would(tmp_path, n_steps):
+    # Steps 100.. cross the 1- to 2-byte varint at 128 for n_steps=40, so a block has two layouts.
+    rng = np.random.default_rng(5)
+    tags = ["loss/train", "ünïcode", "x" * 130]  # a 130-byte tag: 2-byte length varints
+    steps = np.arange(100, 100 + 3 * n_steps, 3)
+    values = population_values(rng, n_steps, 3, 6)
+    wall_times = 1.7e9 + rng.random(n_steps)
+    ours = [EventWriter(tmp_path / "population" / str(i)) for i in range(6)]
+    theirs = [EventWriter(tmp_path / "single" / str(i)) for i in range(6)]
+    events.add_scalar_blocks(ours, tags, steps, values, wall_times)
+    for i, w in enumerate(theirs):
+        w.add_scalar_block(tags, steps, values[:, :, i], wall_times)
+    for a, b in zip(ours, theirs):
+        a.close()
+        b.close()
+        assert records(a.path)[1:] == records(b.path)[1:]  # records() also checks every CRC
+    # And against protobuf's own serialisation, record by record, for the run with the special values.
+    for s, data in enumerate(records(ours[1].path)[1:]):
+        expected = scalar_event(int(steps[s]), wall_times[s], tags, values[s, :, 1].tolist())
+        assert data == expected.SerializeToString()
+
+
+def test_population_scalars_read_back_per_run(tmp_path):
+    values = np.arange(2 * 50 * 4, dtype=np.float32).reshape(50, 2, 4)  # [S, T, N], every value distinct
+    writers = [EventWriter(tmp_path / f"run{i}") for i in range(4)]
+    events.add_scalar_blocks(writers, ["a", "b"], torch.arange(50), torch.from_numpy(values), 7.0)
+    for i, w in enumerate(writers):
+        w.close()
+        acc = accumulate(tmp_path / f"run{i}")
+        for t, tag in enumerate(["a", "b"]):
+            assert [(e.wall_time, e.step, e.value) for e in acc.Scalars(tag)] == [
+                (7.0, s, float(values[s, t, i])) for s in range(50)]
+
+
+def test_population_invalid_inputs(tmp_path):
+    writers = [EventWriter(tmp_path / str(i)) for i in range(2)]
+    with pytest.raises(ValueError, match=r"\[S, 1, 2\].*2 runs"):
+        events.add_scalar_blocks(writers, ["a"], np.arange(3), np.zeros((3, 1, 3)))
+    with pytest.raises(ValueError, match="duplicate"):
+        events.add_scalar_blocks(writers, ["a", "a"], np.arange(3), np.zeros((3, 2, 2)))
+    with pytest.raises(ValueError, match=r"\[2\] statistics"):
+        events.add_histograms_raw(writers, "h", 0, [0.0], [1.0], [1.0], [1.0], [1.0], np.ones((1, 3)),
+                                  np.ones((1, 3)))
+    events.add_scalar_blocks([], ["a"], np.arange(3), np.zeros((3, 1, 0)))  # no runs: nothing to do
+    for w in writers:
+        w.close()
+        assert len(records(w.path)) == 1  # nothing half-written
+
+
+def histogram_event(tag, step, wall_time, stats, limits, counts):
+    """The Event TensorBoard's protos build for the same histogram (the previous implementation)."""
+    histo = summary_pb2.HistogramProto(min=stats[0], max=stats[1], num=stats[2], sum=stats[3],
+                                       sum_squares=stats[4], bucket_limit=limits, bucket=counts)
+    return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=tag, histo=histo)]))
+
+
+# Each row exercises a layout: proto3 leaves out a double whose bits are zero (+0.0, not -0.0 or NaN).
+HISTOGRAM_ROWS = [
+    ([-1.5, 2.5, 10.0, 3.25, 20.0], [-0.5, 0.5, 1.5, 2.5], [1.0, 2.0, 3.0, 4.0]),  # every field
+    ([0.0, 3.0, 4.0, 6.0, 12.0], [1.0, 2.0, 3.0, 4.0], [0.0, 4.0, 0.0, 0.0]),  # min = 0: left out; one bin
+    ([-0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),  # only -0.0 stays
+    ([-1.7e308, 1.7e308, 4.0, np.nan, np.inf],  # a diverged float64 run: linspace's inf and NaN edges
+     [np.inf, np.inf, np.inf, 1.7e308], [1.0, 0.0, 0.0, 3.0]),
+    ([np.finfo(np.float32).min, np.finfo(np.float32).max, 4.0, 5e-324, 1e300],
+     [-1.7e38, 0.0, 1.7e38, 3.4e38], [0.0, 0.0, 0.0, 4.0]),
+]
+
+
+@pytest.mark.parametrize("step", [0, 7, 2**40, -3])  # step 0 is left out by protobuf; -3 a 10-byte varint
+def test_histogram_bytes_equal_protobuf_serialisation(tmp_path, step):
+    stats = np.array([r[0] for r in HISTOGRAM_ROWS])
+    limits = np.array([r[1] for r in HISTOGRAM_ROWS])
+    counts = np.array([r[2] for r in HISTOGRAM_ROWS])
+    writers = [EventWriter(tmp_path / str(i)) for i in range(len(stats))]
+    events.add_histograms_raw(writers, "residual/values", step, *stats.T, limits, counts, wall_time=1.7e9 + 0.25)
+    with EventWriter(tmp_path / "one") as one:  # the single-writer method shares the encoder
+        for row in HISTOGRAM_ROWS:
+            one.add_histogram_raw("residual/values", *row[0], row[1], row[2], step, wall_time=1.7e9 + 0.25)
+        one.add_histogram_raw("empty", 0.0, 0.0, 0, 0.0, 0.0, [], [], step, wall_time=0.0)  # no buckets
+    expected = [histogram_event("residual/values", step, 1.7e9 + 0.25, *row).SerializeToString()
+                for row in HISTOGRAM_ROWS]
+    for w, want in zip(writers, expected):
+        w.close()
+        assert records(w.path)[1:] == [want]
+    assert records(one.path)[1:] == expected + [
+        histogram_event("empty", step, 0.0, [0.0] * 5, [], []).SerializeToString()]
+
+
+def test_population_histograms_read_back_per_run(tmp_path):
+    counts = np.array([[1.0, 0.0, 3.0], [0.0, 5.0, 0.0]])
+    writers = [EventWriter(tmp_path / f"run{i}") for i in range(2)]
+    events.add_histograms_raw(writers, "h", 200, min=np.array([-1.0, 2.0]), max=np.array([2.0, 5.0]),
+                              num=counts.sum(1), sum=np.array([1.0, 17.5]), sum_squares=np.array([3.0, 61.25]),
+                              bucket_limits=np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]), bucket_counts=counts)
+    for i, w in enumerate(writers):
+        w.close()
+        (event,) = accumulate(tmp_path / f"run{i}").Histograms("h")
+        h = event.histogram_value
+        assert event.step == 200 and (h.min, h.max, h.num) == ([-1.0, 2.0][i], [2.0, 5.0][i], counts[i].sum())
+        assert list(h.bucket) == counts[i].tolist()

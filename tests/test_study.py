@@ -1,11 +1,23 @@
-"""lab.study: a run's figures never cost results, and every file of a run directory is written atomically.
+"""lab.study: a run's figures never cost results, every file of a run directory is written atomically and
+synced in an order that keeps --resume right, and a population's events are the bytes one writer per run wrote.
 
 Runs here are tiny (20 steps over 40 points on the CPU) so each test takes well under a second of training.
 """
 
 import json
+import os
+import struct
+import tomllib
+from pathlib import Path
 
-from lab import config, figures, rundir, study
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lab import atomic, config, figures, rundir, study, trainer
+from lab.events import EventWriter
 
 TINY = {"device": "cpu", "data.n": 40, "data.n_val": 20, "train.steps": 20, "train.log_every": 10,
         "train.hist_every": 0}
@@ -48,3 +60,166 @@ def test_every_file_of_a_run_directory_is_written_atomically(tmp_path, monkeypat
     assert (run.dir / "figures" / "fit.png").read_bytes()[:4] == b"\x89PNG"
     assert (run.dir / "data.npz").is_file()
     assert not [p for p in run.dir.rglob(".*.tmp")]  # no temporary left behind
+
+
+# -- writing a population's events: the same bytes as one writer per run ----------------------------
+
+def _data_records(path):
+    """The data of each record after the file_version record (framing checked by test_events)."""
+    raw, out, pos = Path(path).read_bytes(), [], 0
+    while pos < len(raw):
+        (length,) = struct.unpack_from("<Q", raw, pos)
+        out.append(raw[pos + 12:pos + 12 + length])
+        pos += 16 + length
+    return out[1:]
+
+
+def _old_histogram(step, tag, c, lo, hi, wall_time):
+    """One run's histogram as lab.study wrote it before it was vectorised: np.linspace per run and
+    a HistogramProto built by TensorBoard's protos."""
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverged run: inf and NaN edges
+        edges = np.linspace(float(lo), float(hi), len(c) + 1)
+        mids = (edges[:-1] + edges[1:]) / 2
+        sums, sum_squares = float((c * mids).sum()), float((c * mids**2).sum())
+    histo = summary_pb2.HistogramProto(min=float(lo), max=float(hi), num=int(c.sum()), sum=sums,
+                                       sum_squares=sum_squares, bucket_limit=edges[1:].tolist(), bucket=c.tolist())
+    return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=tag, histo=histo)])).SerializeToString()
+
+
+def _histogram_population(dtype):
+    """counts [N, 30], lo [N], hi [N] as lab.metrics.histogram returns them, with the hard rows first."""
+    rng = np.random.default_rng(7)
+    n = 300  # many rows: a per-row sum in another order would differ somewhere
+    counts = rng.integers(0, 50, (n, 30)).astype(dtype)
+    lo = (rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5, n)).astype(dtype)
+    hi = (lo + rng.random(n) * 10.0 ** rng.integers(-5, 5, n)).astype(dtype)
+    big = np.finfo(dtype).max  # metrics.histogram maps +-inf to the dtype's extremes: a diverged run
+    lo[0], hi[0] = -big, big
+    lo[1] = hi[1] = 2.5  # every value equal: linspace's zero-step branch, all counts in one bin
+    counts[1] = 0
+    counts[1, 0] = 40
+    lo[2], hi[2] = 0.0, 1e-320  # a subnormal range whose step underflows to zero
+    lo[3], hi[3] = 0.0, 1.0  # min = 0.0: protobuf leaves the field out
+    return counts, lo, hi
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_population_histograms_are_the_bytes_of_one_proto_per_run(tmp_path, dtype):
+    counts, lo, hi = _histogram_population(dtype)
+    writers = [EventWriter(tmp_path / str(i)) for i in range(len(counts))]
+    on_hist = study._hist_writer(writers)
+    on_hist(200, "residual/values", counts, lo, hi)
+    on_hist(0, "grad/per_sample_abs", counts[::-1].copy(), lo[::-1].copy(), hi[::-1].copy())  # step 0: no field
+    for i, w in enumerate(writers):
+        w.close()
+        first, second = _data_records(w.path)
+        wall_time = event_pb2.Event.FromString(first).wall_time  # time.time() at the call
+        j = len(counts) - 1 - i
+        assert first == _old_histogram(200, "residual/values", counts[i], lo[i], hi[i], wall_time), i
+        assert second == _old_histogram(0, "grad/per_sample_abs", counts[j], lo[j], hi[j],
+                                        event_pb2.Event.FromString(second).wall_time), i
+    diverged = event_pb2.Event.FromString(_data_records(writers[0].path)[0]).summary.value[0].histo
+    assert diverged.bucket_limit[-1] == float(np.finfo(dtype).max)  # the right edge survives float64
+
+
+def test_linspace_rows_is_np_linspace_row_by_row():
+    _, lo, hi = _histogram_population(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # row 0's range overflows: inf and NaN edges
+        ours = study._linspace_rows(lo, hi, 30)
+        theirs = np.stack([np.linspace(a, b, 31) for a, b in zip(lo, hi)])
+        # Why not np.linspace(lo, hi, 31, axis=-1): one zero step sends every row down the other branch.
+        arrays = np.linspace(lo, hi, 31, axis=-1)
+    assert ours.tobytes() == theirs.tobytes()  # bit for bit, NaN and inf edges of row 0 included
+    assert arrays.tobytes() != theirs.tobytes()
+
+
+def test_population_scalars_reach_each_run_at_the_blocks_wall_time(tmp_path):
+    tags = ("loss/train", "grad/norm")
+    values = np.arange(60, dtype=np.float32).reshape(10, 2, 3)  # [S, T, N]
+    block = trainer.LogBlock(np.arange(0, 100, 10), tags, values, 1.7e9)
+    writers = [EventWriter(tmp_path / "population" / str(i)) for i in range(3)]
+    study._log_writer(writers)(block)
+    for i, w in enumerate(writers):
+        w.close()
+        with EventWriter(tmp_path / "single" / str(i)) as single:
+            single.add_scalar_block(tags, block.steps, values[:, :, i], wall_times=1.7e9)
+        assert _data_records(w.path) == _data_records(single.path)
+        (record,) = {event_pb2.Event.FromString(r).wall_time for r in _data_records(w.path)}
+        assert record == 1.7e9
+
+
+def test_flusher_waits_for_bytes_or_time_at_block_ends(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(study.time, "monotonic", lambda: now[0])
+    writers = [EventWriter(tmp_path / str(i)) for i in range(2)]
+    flusher = study._Flusher(writers, max_bytes=1000, seconds=2.0, cost_ratio=20.0)
+
+    def on_disk():
+        return [os.path.getsize(w.path) for w in writers]
+
+    empty = on_disk()  # the file_version records only
+    # A record of one scalar "a" at a 1-byte step: 16 framing bytes + Event 0x09 wall(8), 0x10 step(1),
+    # 0x2a len, Summary{0x0a len Value{0x0a 0x01 "a" 0x15 float(4)}} = 16 + 9 + 2 + 2 + 10 = 39 bytes.
+    for w in writers:
+        w.add_scalars(0, {"a": 1.0})  # 2 x 39 bytes wait
+    now[0] = 1.9
+    flusher(block_end=True)
+    assert on_disk() == empty  # under 2 s and 1000 bytes: nothing written yet
+    now[0] = 2.0
+    flusher(block_end=False)
+    assert on_disk() == empty  # histograms never flush on time alone
+    flusher(block_end=True)
+    assert [size - e for size, e in zip(on_disk(), empty)] == [39, 39]
+    now[0] = 3.0
+    writers[0].add_scalar_block(["a"], np.arange(20), np.zeros((20, 1)))  # 20 x 39 = 780 bytes
+    flusher(block_end=True)
+    assert on_disk()[0] == empty[0] + 39  # 1 s since the last flush, 780 bytes: they wait
+    writers[1].add_scalar_block(["a"], np.arange(20), np.zeros((20, 1)))  # 1560 bytes in all
+    flusher(block_end=False)
+    assert [size - e for size, e in zip(on_disk(), empty)] == [21 * 39, 21 * 39]  # over max_bytes: at once
+
+
+# -- run directories: synced in batches, in an order that keeps --resume right ------------------
+
+@pytest.mark.skipif(not atomic._SYNC_WAITS, reason="needs a sync(2) that waits (Linux)")
+def test_a_summary_is_never_durable_before_the_files_it_vouches_for(tmp_path, monkeypatch):
+    # At each sync(2), note the files and their sizes: the first sync must see every config.toml,
+    # data.npz and complete event file and no summary.json; the last must see everything.
+    snapshots, fsyncs = [], []
+    monkeypatch.setattr(os, "sync", lambda: snapshots.append(
+        {p.relative_to(tmp_path).as_posix(): p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()}))
+    monkeypatch.setattr(os, "fsync", fsyncs.append)
+    runs = [study.Run(config=config.from_flat({**TINY, "train.hist_every": 10, "loss.name": loss}),
+                      name=f"clean-{loss}-s0") for loss in ("mse", "huber")]
+    study.execute(runs, tmp_path)
+    final = {p.relative_to(tmp_path).as_posix(): p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()}
+    assert fsyncs == []  # no fsync per file
+    assert len(snapshots) == 3  # before the summaries, after them, leaving the study
+    before = snapshots[0]
+    assert not [f for f in before if f.endswith("summary.json")]
+    assert {f: s for f, s in final.items() if not f.endswith("summary.json")} == before
+    assert len([f for f in before if "events.out.tfevents" in f]) == 2
+    assert snapshots[1] == final
+
+
+def test_run_directory_contents_come_from_the_config(tmp_path):
+    # The flat config is built once per run now; every file must still hold what to_flat/to_dict say.
+    (run,), _ = study.execute(_runs("huber"), tmp_path)
+    flat = config.to_flat(run.config)
+    assert json.loads((run.dir / "summary.json").read_text())["config"] == rundir.jsonable(flat)
+    assert tomllib.loads((run.dir / "config.toml").read_text()) == config.to_dict(run.config)
+    acc = EventAccumulator(str(run.dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("config")[0].tensor_proto.string_val[0].decode()
+    assert text.splitlines()[2:] == [f"| {k} | {v} |" for k, v in flat.items()]
+
+
+def test_custom_scalars_layout_is_cached_but_returned_fresh():
+    tags = ("loss/train", "grad/norm", "loss/val_mse")
+    first = study.custom_scalars_layout(tags)
+    layout = layout_pb2.Layout.FromString(first.value[0].tensor.string_val[0])
+    assert [(c.title, [ch.title for ch in c.chart]) for c in layout.category] == [
+        ("loss", ["loss/train", "loss/val_mse"]), ("grad", ["grad/norm"])]
+    first.value[0].tag = "changed"  # a caller's change must not reach the next run's layout
+    assert study.custom_scalars_layout(list(tags)).value[0].tag != "changed"

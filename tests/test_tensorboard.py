@@ -27,7 +27,7 @@ n_val = 20
 [train]
 steps = 20
 log_every = 10
-hist_every = 0
+hist_every = 10
 figures = false
 """
 RUNS = ["tb/outliers-huber-s0", "tb/outliers-huber-s1", "tb/outliers-mse-s0", "tb/outliers-mse-s1"]
@@ -107,6 +107,22 @@ def test_scalars_are_the_logged_values(server, tag):
         assert points[-1][2] == pytest.approx(summary(runs_dir, run)["final"][tag], rel=1e-6)
     slope = get(url, "/data/plugin/scalars/scalars", run=RUNS[0], tag="param/slope")[-1][2]
     assert slope == pytest.approx(summary(runs_dir, RUNS[0])["params"]["slope"], rel=1e-6)
+
+
+def test_histograms_are_served_for_every_run(server):
+    # hist_every = 10 over 20 steps: histograms at steps 0, 10 and the last step (as the scalars), of
+    # each run's n = 40 training residuals and 40 per-sample gradient magnitudes (the sweep's config).
+    url, _ = server
+    tags = get(url, "/data/plugin/histograms/tags")
+    for run in RUNS:
+        assert set(tags[run]) == set(metrics.HIST_TAGS), run
+        for tag in metrics.HIST_TAGS:
+            served = get(url, "/data/plugin/histograms/histograms", run=run, tag=tag)
+            assert [step for _, step, _ in served] == [0, 10, 20]
+            for _, _, buckets in served:
+                assert sum(count for _, _, count in buckets) == pytest.approx(40)
+                lefts = [left for left, _, _ in buckets]
+                assert lefts == sorted(lefts)
 
 
 def test_hparams_list_each_run_once_with_its_swept_keys_and_final_metrics(server):
