@@ -172,61 +172,110 @@ class Histories:
         return self.param_ring[steps % self.ring]  # ring rows in step order, indexed on the device
 
 
-def population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> torch.Tensor:
-    """Every scalar tag (SCALAR_TAGS, then param/<name>) for a whole population at one log step: [T, N].
+@dataclass
+class RawRow:
+    """The device-side part of a log row: what reads the step's [N, n] tensors or the ring buffers,
+    reduced to [*, N], and a copy of the parameters; the remaining tags are derived at flush time."""
+
+    step: int
+    dist: torch.Tensor  # [5 or 7, N] from _distribution
+    val: torch.Tensor  # [2, N]: sum of squared and of absolute validation errors
+    loss: torch.Tensor  # [N] training loss in original units
+    gap: torch.Tensor  # [N]
+    lr: torch.Tensor  # [N]
+    P: torch.Tensor  # [N, P] parameters (a copy)
+    grad: torch.Tensor  # [2, N]: norm (pre-clip when clipped) and largest |component|
+    has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
+    history: torch.Tensor  # [3, N]: flip rate, loss amplitude, parameter amplitude (from the rings)
+
+
+def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> RawRow:
+    """The part of a log row that must be taken at its step (on the device, no host sync).
 
     pop: the trainer's population (its blocks of runs, data and parameter views); resids and psis: each
-    block's full-batch residuals e = pred - target and psi [B, n, k], in training units; loss, gap, lr [N] as logged;
-    grads [N, P] (gnorm: their pre-clip norm when clipped); h: the recent per-step histories.
+    block's full-batch residuals e = pred - target and psi [B, n, k], in training units; loss, gap, lr [N]
+    as logged; grads [N, P] (gnorm: their pre-clip norm when clipped); h: the recent per-step histories.
+    Everything else is derived for many rows at once by `tag_rows`: a row is then a few dozen tensor
+    ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
     """
-    step, N = h.step, P.shape[0]
-    n = resids[0].shape[1]
     line = _effective_line(pop.named, pop.model.kind) if pop.model.kind in ("linear", "constant") else None
     dist = _cat([_distribution(pop, runs, blocks, e, psi, line)
                  for runs, blocks, e, psi in _row_chunks(pop, resids, psis)], dim=1)
-    on_outliers, on_top, total, p99, ahead, *central = dist.unbind(0)
-    total = total.clamp_min(torch.finfo(total.dtype).tiny)
-    outlier_share, top = on_outliers / total, on_top / total
-    kurtosis = pop.moments.kurtosis(line[0], n) if pop.moments is not None else kurtosis_from_sums(*central, n)
-    cover = ahead / n
-    if chain is not None:  # an rmse run at zero loss has no gradient at all: shares of nothing are 0
-        has_grad = (chain != 0).to(P.dtype)
-        outlier_share, top = outlier_share * has_grad, top * has_grad
-    train_loss = _loss_in_original_units(pop, resids) if pop.any_norm else loss
     val_pred = pop.forward(pop.named, pop.x_val)
     val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
     if pop.any_norm:
         val_pred = val_pred * pop.sd + pop.mu
     val_err = val_pred - pop.signal_val
-    named_now = _named_now(P, pop)
-    loss_window = h.loss_ring[:min(step + 1, h.window)]  # the rows of the last `window` steps, in ring order
-    if h.param_ring is not None:
-        flip = flip_rate(h.params(h.window + 2), min(step, h.window))
-        amplitude = param_amplitude(h.params(h.window))
+    val = torch.stack([torch.linalg.vecdot(val_err, val_err), val_err.abs().sum(-1)])
+    grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
+    return RawRow(step=h.step, dist=dist, val=val, loss=_loss_in_original_units(pop, resids) if pop.any_norm else loss,
+                  gap=gap, lr=lr, P=P.clone(), grad=grad,
+                  has_grad=None if chain is None else (chain != 0).to(P.dtype), history=_history_tags(h))
+
+
+def tag_rows(pop, raws: list[RawRow]) -> torch.Tensor:
+    """Every scalar tag (SCALAR_TAGS, then param/<name>) of S raw rows: [S, T, N], computed for all
+    rows at once (the shares, moments and parameter errors of a flush's rows in one go)."""
+    S, N = len(raws), raws[0].P.shape[0]
+    n, n_val = pop.y3.shape[1], pop.x_val.shape[1]
+    dist = torch.stack([r.dist for r in raws], 1)  # [D, S, N]
+    on_outliers, on_top, total, p99, ahead, *central = dist.unbind(0)
+    total = total.clamp_min(torch.finfo(total.dtype).tiny)
+    outlier_share, top = on_outliers / total, on_top / total
+    if raws[0].has_grad is not None:  # shares of no gradient at all are 0
+        has_grad = torch.stack([r.has_grad for r in raws])
+        outlier_share, top = outlier_share * has_grad, top * has_grad
+    P = torch.stack([r.P for r in raws])  # [S, N, P]
+    if pop.moments is not None:
+        named = pop.shapes.named(P.reshape(S * N, -1))
+        slope = _effective_line(named, pop.model.kind)[0].reshape(S, N)
+        kurtosis = pop.moments.kurtosis(slope, n)
     else:
-        flip = h.flip_ring.sum(0) / max(min(step, h.window), 1)
-        amplitude = torch.full((N,), float("nan"), dtype=P.dtype, device=P.device)
-    rows = [
-        train_loss,
-        torch.linalg.vecdot(val_err, val_err) / val_err.shape[1],
-        val_err.abs().sum(-1) / val_err.shape[1],
-        lr,
-        gap,
+        kurtosis = kurtosis_from_sums(*central, n)
+    named_now = _named_now(P, pop)  # [S, N, K]
+    val = torch.stack([r.val for r in raws], 1) / n_val  # [2, S, N]
+    grad = torch.stack([r.grad for r in raws], 1)  # [2, S, N]
+    flip, loss_amplitude, amplitude = torch.stack([r.history for r in raws], 1)  # [S, N] each
+    tags = [
+        torch.stack([r.loss for r in raws]),
+        val[0],
+        val[1],
+        torch.stack([r.lr for r in raws]),
+        torch.stack([r.gap for r in raws]),
         torch.linalg.vector_norm(named_now - pop.true_params, dim=-1),
         torch.linalg.vector_norm(named_now - pop.ref_params, dim=-1),
         flip,
-        relative_amplitude(loss_window),
+        loss_amplitude,
         amplitude,
-        torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm,
-        grads.abs().amax(-1),
+        grad[0],
+        grad[1],
         outlier_share,
         top,
         p99,
         kurtosis,
-        cover,
-        *named_now.unbind(1),
+        ahead / n,
+        *named_now.unbind(-1),
     ]
-    return torch.stack(rows)
+    return torch.stack(tags, 1)
+
+
+def _history_tags(h: Histories) -> torch.Tensor:
+    """[3, N]: flip rate, loss amplitude and parameter amplitude over the last `window` steps (the rings
+    only hold those until the next steps overwrite them, so they are read at the row's own step)."""
+    loss_window = h.loss_ring[:min(h.step + 1, h.window)]  # the rows of the last `window` steps, in ring order
+    if h.param_ring is not None:
+        history = h.params(h.window + 2)
+        flip = flip_rate(history, min(h.step, h.window))
+        amplitude = param_amplitude(history[-h.window:])
+    else:
+        flip = h.flip_ring.sum(0) / max(min(h.step, h.window), 1)
+        amplitude = torch.full_like(flip, float("nan"))
+    return torch.stack([flip, relative_amplitude(loss_window), amplitude])
+
+
+def population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> torch.Tensor:
+    """Every tag of one log step, [T, N]: `raw_row` then `tag_rows` for that row alone."""
+    return tag_rows(pop, [raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h)])[0]
 
 
 def _row_chunks(pop, resids, psis):
@@ -294,18 +343,18 @@ def _residuals(pop, blk, e: torch.Tensor) -> torch.Tensor:
 
 
 def _named_now(P, pop) -> torch.Tensor:
-    """Named parameters of every run in original units, [N, len(named_keys)]."""
-    N, k, named = P.shape[0], pop.k, pop.named
+    """Named parameters in original units, [S, N, len(named_keys)], from stacked parameters P [S, N, P]."""
+    S, N, k = P.shape[0], P.shape[1], pop.k
+    named = pop.shapes.named(P.reshape(S * N, -1))
     if pop.model.kind == "linear":
-        w, b = named["weight"].reshape(N, k), named["bias"].reshape(N, k)
-        if not pop.any_norm:
-            return torch.stack([w, b], -1).reshape(N, 2 * k)
-        sd, mu = pop.sd, pop.mu
-        return torch.stack([w * sd, b * sd + mu], -1).reshape(N, 2 * k)
+        w, b = named["weight"].reshape(S, N, k), named["bias"].reshape(S, N, k)
+        if pop.any_norm:
+            w, b = w * pop.sd, b * pop.sd + pop.mu
+        return torch.stack([w, b], -1).reshape(S, N, 2 * k)
     if pop.model.kind == "constant":
-        value = named["value"].reshape(N, k)
-        return value * pop.sd + pop.mu if pop.any_norm else value.clone()
-    return P.new_zeros(N, 0)
+        value = named["value"].reshape(S, N, k)
+        return value * pop.sd + pop.mu if pop.any_norm else value
+    return P.new_zeros(S, N, 0)
 
 
 def _loss_in_original_units(pop, resids):

@@ -371,7 +371,8 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
 
     def flush():
         if pending:
-            block = torch.stack(pending).cpu().numpy()[:, :, inverse]  # one host copy per flush
+            rows = log_row.tag_rows(pop, pending)  # [S, T, N], all rows' small math at once
+            block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush
             last_row["values"], last_row["step"] = block[-1], pending_steps[-1]
             if on_log and log_every:
                 on_log(LogBlock(np.array(pending_steps), tags, block, time.time()))
@@ -414,7 +415,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                     last_above = torch.where(gap <= tol, last_above, step)
                 history = log_row.Histories(step, window, ring, loss_ring, param_ring if track_params else None,
                                             flip_ring)
-                pending.append(log_row.population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now,
+                pending.append(log_row.raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now,
                                                       history))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
