@@ -24,12 +24,12 @@ def quadratic_grad(p):
 @pytest.mark.parametrize(
     "name,kwargs,torch_cls,torch_kwargs",
     [
-        ("sgd", dict(), torch.optim.SGD, dict()),
-        ("sgd", dict(momentum=0.9), torch.optim.SGD, dict(momentum=0.9)),
-        ("sgd", dict(momentum=0.8, nesterov=True, wd=0.01), torch.optim.SGD, dict(momentum=0.8, nesterov=True, weight_decay=0.01)),
-        ("adam", dict(), torch.optim.Adam, dict()),
-        ("adam", dict(wd=0.05, betas=(0.8, 0.99)), torch.optim.Adam, dict(weight_decay=0.05, betas=(0.8, 0.99))),
-        ("adamw", dict(wd=0.1), torch.optim.AdamW, dict(weight_decay=0.1)),
+        ("sgd", {}, torch.optim.SGD, {}),
+        ("sgd", {"momentum": 0.9}, torch.optim.SGD, {"momentum": 0.9}),
+        ("sgd", {"momentum": 0.8, "nesterov": True, "wd": 0.01}, torch.optim.SGD, {"momentum": 0.8, "nesterov": True, "weight_decay": 0.01}),
+        ("adam", {}, torch.optim.Adam, {}),
+        ("adam", {"wd": 0.05, "betas": (0.8, 0.99)}, torch.optim.Adam, {"weight_decay": 0.05, "betas": (0.8, 0.99)}),
+        ("adamw", {"wd": 0.1}, torch.optim.AdamW, {"weight_decay": 0.1}),
     ],
 )
 def test_population_of_one_reproduces_torch_optim(name, kwargs, torch_cls, torch_kwargs):
@@ -105,6 +105,6 @@ def test_schedule_matches_torch_lr_scheduler():
         assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(s, 30, 0.3, "step", gamma=0.5, step_size=7))
         opt.step()
         sched.step()
-    table = lr_table(10, [dict(lr=1.0, schedule="constant"), dict(lr=1.0, schedule="exponential", gamma=0.5)])
+    table = lr_table(10, [{"lr": 1.0, "schedule": "constant"}, {"lr": 1.0, "schedule": "exponential", "gamma": 0.5}])
     assert table.shape == (10, 2)
     assert table[9, 1].item() == pytest.approx(0.5)
