@@ -59,11 +59,11 @@ def _effective_line(named: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor,
 class LargestResiduals:
     """The m largest |residuals| of each run of a population, from a list of candidates where that is exact.
 
-    A linear or constant model's residual is affine in its parameters, r_i = sd (w x_i + b - y_i) (w, b
-    averaged over outputs, sd the target scale), so between a snapshot (w0, b0) and now no residual
-    moves by more than
+    A linear or constant model's residual, averaged over its k outputs, is affine in the flat parameters
+    theta = (w_1..w_k, b_1..b_k) (or the k values): r_i = sd (mean_j (w_j x_i + b_j) - y_i), sd the target
+    scale. Between a snapshot theta0 and now no residual moves by more than
 
-        delta = sd (|w - w0| max_i |x_i| + |b - b0|).
+        delta = sd sum_j c_j |theta_j - theta0_j|,   c = max|x| / k for a slope, 1 / k for an intercept.
 
     At a snapshot the M largest |r_i| become the candidates, and T0 is the largest |r_i| among the
     others. Later, if the m-th largest candidate is >= T0 + delta (+ the rounding of both evaluations),
@@ -73,45 +73,47 @@ class LargestResiduals:
     where that costs nothing.
     """
 
-    def __init__(self, x: torch.Tensor, y3: torch.Tensor, kind: str, candidates: int = CANDIDATES):
-        self.kind = kind
+    def __init__(self, x: torch.Tensor, y3: torch.Tensor, kind: str, k: int, candidates: int = CANDIDATES):
         self.candidates = candidates
-        self.x_max = x.abs().amax((1, 2))  # [N]
+        x_max = x.abs().amax((1, 2))  # [N]
         self.y_max = y3.abs().amax((1, 2))  # [N] training units
+        ones = torch.full((len(x_max), k), 1.0 / k, dtype=x.dtype, device=x.device)
+        # c per flat parameter (the trainer's order: weight [k x 1], then bias [k]; or the k values)
+        self.coef = torch.cat([ones * x_max[:, None], ones], 1) if kind == "linear" else ones  # [N, P]
         self.eps = torch.finfo(x.dtype).eps
-        N = len(self.x_max)
+        N = len(x_max)
         self.index = torch.zeros(N, candidates, dtype=torch.long, device=x.device)  # [N, M] candidate points
-        # from each run's snapshot: the largest |r_i| outside the candidates, the line's w, b and mean |w|
-        self.bound, self.w0, self.b0, self.w0_abs = (torch.zeros_like(self.x_max) for _ in range(4))
+        self.theta0 = torch.zeros_like(self.coef)  # each run's parameters at its snapshot
+        self.threshold = torch.zeros_like(x_max)  # T0 + the snapshot's rounding allowance (original units)
         self.fresh = torch.ones(N, dtype=torch.bool, device=x.device)  # no snapshot yet
         self.hits = self.refreshes = 0  # calls answered from the candidates alone, runs refreshed
 
-    def largest(self, resid: torch.Tensor, line: tuple, sd: torch.Tensor | None, m: int, runs: slice):
+    def largest(self, resid: torch.Tensor, P: torch.Tensor, sd: torch.Tensor | None, m: int, runs: slice):
         """The m largest |resid| per run, descending, and their point indices ([R, m] each).
 
-        resid [R, n] in original units for the population's runs `runs` (a slice); line: the
-        population's (w, b, mean |w|) [N] each from `_effective_line`; sd [N] or None (no scaling).
+        resid [R, n] in original units for the population's runs `runs` (a slice); P [N, P] the
+        population's flat parameters; sd [N] or None (no scaling).
         """
-        w, b, w_abs = (v[runs] for v in line)
-        x_max, y_max, index = self.x_max[runs], self.y_max[runs], self.index[runs]
-        w0, b0, w0_abs = self.w0[runs], self.b0[runs], self.w0_abs[runs]
-        moved = (w - w0).abs() * x_max + (b - b0).abs()
-        # each residual is ~3 roundings of |x w| + |b| + |y|, at the snapshot and now: room for both
-        size = x_max * torch.maximum(w_abs, w0_abs) + torch.maximum(b.abs(), b0.abs()) + y_max
-        margin = moved + 8 * self.eps * size
+        theta, coef, index = P[runs], self.coef[runs], self.index[runs]
+        moved = torch.linalg.vecdot((theta - self.theta0[runs]).abs_(), coef)
+        # A computed residual carries ~3 roundings of |x w| + |b| + |y| (its "size"), at the snapshot and
+        # now; size now <= size at the snapshot + moved, so 8 eps (size0 + moved) covers both evaluations.
+        margin = moved * (1 + 8 * self.eps)
         if sd is not None:
             margin = margin * sd[runs]
         top, pos = resid.gather(1, index).abs_().topk(m, dim=1)
         where = index.gather(1, pos)
-        failed = (top[:, -1] < self.bound[runs] + margin) | self.fresh[runs]
+        failed = (top[:, -1] < self.threshold[runs] + margin) | self.fresh[runs]
         if not bool(failed.any()):
             self.hits += 1
             return top, where
         redo = failed.nonzero()[:, 0]
         full, full_index = largest(resid[redo].abs(), self.candidates + 1)
         at = redo + runs.start  # population rows
-        self.index[at], self.bound[at] = full_index[:, :self.candidates], full[:, self.candidates]
-        self.w0[at], self.b0[at], self.w0_abs[at] = w[redo], b[redo], w_abs[redo]
+        size0 = torch.linalg.vecdot(theta[redo].abs(), coef[redo]) + self.y_max[at]
+        allowance = 8 * self.eps * size0 * (1.0 if sd is None else sd[at])
+        self.index[at], self.threshold[at] = full_index[:, :self.candidates], full[:, self.candidates] + allowance
+        self.theta0[at] = theta[redo]
         self.fresh[at] = False
         self.refreshes += len(redo)
         top[redo], where[redo] = full[:, :m], full_index[:, :m]
@@ -198,8 +200,7 @@ def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histori
     Everything else is derived for many rows at once by `tag_rows`: a row is then a few dozen tensor
     ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
     """
-    line = _effective_line(pop.named, pop.model.kind) if pop.model.kind in ("linear", "constant") else None
-    dist = _cat([_distribution(pop, runs, blocks, e, psi, line)
+    dist = _cat([_distribution(pop, runs, blocks, e, psi, P)
                  for runs, blocks, e, psi in _row_chunks(pop, resids, psis)], dim=1)
     val_pred = pop.forward(pop.named, pop.x_val)
     val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
@@ -298,7 +299,7 @@ def _join_chunk(chunk):
     return runs, blocks, _cat([e for _, e, _ in chunk]), _cat([psi for _, _, psi in chunk])
 
 
-def _distribution(pop, runs: slice, blocks, e, psi, line) -> torch.Tensor:
+def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
     """Per-run sums over the points of the runs `runs` ([5, R], or [7, R] without ResidualMoments): sum
     |psi| on outliers, sum of the top-1% |psi|, sum |psi|, p99 |resid|, the count of resid >= 0 (the
     coverage), and for the kurtosis the sums of c^2 and c^4 (c = resid - its mean)."""
@@ -312,7 +313,7 @@ def _distribution(pop, runs: slice, blocks, e, psi, line) -> torch.Tensor:
     below, count = quantile_rank(n, 0.99)[0], top_count(n, 0.01)
     m = max(n - below, count)
     if pop.largest is not None:
-        top_resid, where = pop.largest.largest(resid, line, pop.sd[:, 0] if pop.any_norm else None, m, runs)
+        top_resid, where = pop.largest.largest(resid, P, pop.sd[:, 0] if pop.any_norm else None, m, runs)
     else:
         top_resid, where = largest(resid.abs(), m)
     on_top = per_sample.gather(1, where[:, :count]).sum(-1)
@@ -322,7 +323,7 @@ def _distribution(pop, runs: slice, blocks, e, psi, line) -> torch.Tensor:
             on_top[local] = largest(per_sample[local], count)[0].sum(-1)
     ahead = resid if pop.k == 1 else e[..., 0]  # the first output's residual (sd > 0 keeps its sign)
     sums = [
-        torch.linalg.vecdot(per_sample, pop.outlier_f[runs]),
+        torch.linalg.vecdot(per_sample.gather(1, pop.outlier_at[runs]), pop.outlier_w[runs]),
         on_top,
         per_sample.sum(-1),
         quantile_from_top(top_resid, n, 0.99),

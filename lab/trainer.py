@@ -172,7 +172,8 @@ class _Population:
     x_val: torch.Tensor  # [N, n_val, 1]
     signal_val: torch.Tensor  # [N, n_val]
     outlier: torch.Tensor  # [N, n] bool
-    outlier_f: torch.Tensor  # [N, n] the same as 0/1 in the training dtype
+    outlier_at: torch.Tensor  # [N, m] indices of each run's outliers, padded (m: the most any run has)
+    outlier_w: torch.Tensor  # [N, m] 1 at a real outlier index, 0 at padding (training dtype)
     mu: torch.Tensor  # [N, 1]
     sd: torch.Tensor  # [N, 1]
     any_norm: bool
@@ -495,6 +496,14 @@ def _setup(cfgs, datasets, device, dtype):
     roots = [losses.spec(c.loss.name).root for c in cfgs]
     root = torch.tensor(roots, device=device) if any(roots) else None
 
+    # The outliers as padded index lists: the row sums |psi| over them with a gather of a few entries per
+    # run instead of a pass over all n points (most runs have none).
+    counts = outlier.sum(1)
+    width = max(int(counts.max()) if N else 0, 1)
+    order = torch.argsort((~outlier).to(torch.int8), dim=1, stable=True)[:, :width]  # outliers first
+    outlier_at = order.contiguous()
+    outlier_w = (torch.arange(width, device=device) < counts[:, None]).to(dtype)
+
     # exact reference optimum of each run's own objective (float64, once)
     refs = _references(cfgs, datasets, model.kind, mu, sd)
     nan = float("nan")
@@ -511,11 +520,11 @@ def _setup(cfgs, datasets, device, dtype):
                                for i, (r, c) in enumerate(zip(refs, cfgs))], dtype=dtype, device=device)
     true_params = torch.tensor([[_true(d, p) for p in named_keys] for d in datasets], dtype=dtype, device=device)
     pop = _Population(model=model, named=named, blocks=blocks, x=x, y3=y3, y_orig=y_orig, x_val=x_val,
-                      signal_val=signal_val, outlier=outlier, outlier_f=outlier.to(dtype), mu=mu, sd=sd,
+                      signal_val=signal_val, outlier=outlier, outlier_at=outlier_at, outlier_w=outlier_w, mu=mu, sd=sd,
                       any_norm=any_norm, root=root, ref_loss=ref_loss, ref_params=ref_params,
                       true_params=true_params, k=k, shapes=shapes,
                       moments=log_row.ResidualMoments(x, y) if line else None,
-                      largest=log_row.LargestResiduals(x, y3, model.kind) if candidates else None)
+                      largest=log_row.LargestResiduals(x, y3, model.kind, k) if candidates else None)
     return pop, P, refs, tol, named_keys, shapes
 
 

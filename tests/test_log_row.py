@@ -37,16 +37,15 @@ def test_candidates_give_exactly_the_largest_residuals_along_a_trajectory(k, sca
     w = 2 + torch.randn(R, k, generator=g) * 0.3
     b = 1 + torch.randn(R, k, generator=g) * 0.3
     sd = (torch.rand(R, generator=g) + 0.5) if scaled else None
-    cache = log_row.LargestResiduals(x, y[..., None], "linear")
+    cache = log_row.LargestResiduals(x, y[..., None], "linear", k)
     refreshed_at_jump = None
     for step in range(60):
-        named = {"weight": w[..., None], "bias": b}
+        P = torch.cat([w, b], 1)  # the trainer's flat order: the k slopes, then the k intercepts
         resid = residuals(x, y, w, b, sd)
         before = cache.refreshes
-        line = log_row._effective_line(named, "linear")
         # the row asks chunk by chunk: two halves of the population
         halves = [slice(0, R // 2), slice(R // 2, R)]
-        top, where = (torch.cat(t) for t in zip(*(cache.largest(resid[h], line, sd, m, h) for h in halves)))
+        top, where = (torch.cat(t) for t in zip(*(cache.largest(resid[h], P, sd, m, h) for h in halves)))
         expected = resid.abs().topk(m, dim=1).values
         assert torch.equal(top, expected), step
         assert torch.equal(resid.abs().gather(1, where), top), step
@@ -64,12 +63,11 @@ def test_candidates_give_exactly_the_largest_residuals_along_a_trajectory(k, sca
 
 def test_candidates_for_a_constant_model():
     x, y = line_data(runs=5, n=300)
-    cache = log_row.LargestResiduals(x, y[..., None], "constant")
+    cache = log_row.LargestResiduals(x, y[..., None], "constant", 1)
     value = torch.zeros(5, 1)
     for _ in range(20):
         resid = (value - y)  # k = 1: the residual of a constant prediction
-        line = log_row._effective_line({"value": value}, "constant")
-        top, _ = cache.largest(resid, line, None, 4, slice(0, 5))
+        top, _ = cache.largest(resid, value, None, 4, slice(0, 5))
         assert torch.equal(top, resid.abs().topk(4, dim=1).values)
         value = value + 0.02
     assert cache.hits > 10
