@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 
 _EPS = float(np.finfo(np.float64).eps)
 _PIVOT_MAX_ITER = 100  # rotations per run before HiGHS takes over; n = 1000 needs ~4, at most ~12
@@ -215,6 +214,7 @@ def lp(xc, y, wn, tau: float) -> torch.Tensor:
     for an a_i strictly inside (0, 1) the reduced cost -w_i y_i - w_i a_i^T nu = 0, so a_i^T (-nu) = y_i
     -- the fitted line passes through those points, the vertex property of L1 fits.
     """
+    from scipy.optimize import linprog  # here: scipy.optimize costs ~0.1 s to import, and is rarely needed
     R, n = y.shape
     out = torch.empty(R, 2, dtype=torch.float64)
     for r in range(R):

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from lab import losses, quantile_fit
 
@@ -442,6 +441,7 @@ def _newton(spec, params, xc, y, wn, theta0):
 
 def _bfgs(spec, params, xc, y, wn, theta, which):
     """scipy BFGS from the Newton iterate for the runs Newton did not finish, one by one."""
+    from scipy.optimize import minimize  # here: scipy.optimize costs ~0.1 s to import, and is rarely needed
     rows = which.nonzero().squeeze(1)
     out = theta[rows].clone()
     conv = torch.zeros(rows.numel(), dtype=torch.bool)
