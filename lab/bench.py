@@ -362,7 +362,8 @@ def markdown(fig: dict) -> str:
     where = f"{m['cores']} cores, {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "")
     study = f"{fig['runs']}-run study"
     split = (f"{fig['lab_import_s']:.1f} s imports, {fig['lab_execute_s']:.1f} s study "
-             f"({fig['lab_train_s']:.1f} s in lab.trainer.train), rest: interpreter start and exit")
+             f"({fig['lab_train_s']:.1f} s in lab.trainer.train), rest: interpreter start and exit; "
+             f"repeats: {', '.join(f'{t:.1f}' for t in fig['lab_wall_s_all'])} s")
     rows = [
         (f"{study}, lab (start-up included)", f"{fig['lab_s']:.1f} s ({fig['lab_s'] / fig['runs'] * 1e3:.1f} ms/run)"),
         (f"{study}, usual loop ({fig['baseline_runs']} runs timed, scaled to {fig['runs']})",
@@ -392,7 +393,9 @@ def markdown(fig: dict) -> str:
     lines += [f"| {a} | {b} |" for a, b in rows]
     met, missed = targets_met(fig)
     notes = ("The usual loop is one `nn.Linear`, one `torch.optim.SGD` and one `SummaryWriter` per run, logging the "
-             "same tags at the same steps, on the same data from the same initial parameters.")
+             "same tags at the same steps, on the same data from the same initial parameters. Training uses one "
+             "intra-op thread on a CPU (two were up to 20x slower whenever another process shared the cores). "
+             "Timings on shared cores move by 10-20% between runs, the baseline's too.")
     if met:
         notes += " Targets met: " + ", ".join(met) + "."
     if missed:
