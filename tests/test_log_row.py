@@ -115,3 +115,33 @@ def test_rows_derived_together_equal_rows_derived_one_by_one(model):
     assert np.allclose(a, b, rtol=1e-13, atol=1e-15, equal_nan=True)
     flip = together[0].tags.index("oscillation/flip_rate")
     assert np.isfinite(a[:, flip]).all()
+
+
+@pytest.mark.parametrize("flat", [
+    {"train.normalize_targets": True, "data.target_scale": 50.0},
+    {"loss.name": "quantile", "loss.tau": [0.1, 0.5, 0.9]},
+    {"optim.lr": 0.3, "data.kind": "heavy_tailed"},  # large steps: the proof fails often, runs refresh
+])
+def test_candidates_and_moments_change_no_logged_number(flat, monkeypatch):
+    """The trainer's shortcuts (candidate order statistics, kurtosis from moments) against the direct
+    computations they replace (topk over all points, centred sums): every logged value equal (float64)."""
+    from lab import config, data, trainer
+
+    base = {"data.kind": "outliers", "data.n": 300, "train.steps": 60, "train.log_every": 1, "dtype": "float64",
+            "train.hist_every": 0}
+    cfgs = [config.from_flat({**base, "loss.name": loss, "seed": s, **flat})
+            for s, loss in enumerate(["mse", "huber", "mae", "log_cosh"])]
+    cfgs = [c if "loss.tau" not in flat else config.from_flat({**base, **flat, "seed": i}) for i, c in enumerate(cfgs)]
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    fast, direct = [], []
+    trainer.train(cfgs, datasets, on_log=fast.append)
+    monkeypatch.setattr(log_row, "LargestResiduals", lambda *a, **k: None)
+    monkeypatch.setattr(log_row, "ResidualMoments", lambda *a, **k: None)
+    trainer.train(cfgs, datasets, on_log=direct.append)
+    a = np.concatenate([b.values for b in fast])
+    b = np.concatenate([b.values for b in direct])
+    assert a.shape == b.shape and a.shape[0] == 61
+    tags = fast[0].tags
+    for t, tag in enumerate(tags):
+        rtol = 1e-9 if tag == "residual/kurtosis" else 0  # moments vs centred sums: float64 rounding
+        assert np.allclose(a[:, t], b[:, t], rtol=rtol, atol=0, equal_nan=True), tag
