@@ -255,9 +255,10 @@ _COMPILED: dict = {}
 def _compiled(spec, kind: str):
     """`_block_terms` through torch.compile, one compiled function per (loss, model kind).
 
-    Measured on the 200-run benchmark population (2-core EPYC, one thread): a compiled step takes
-    ~0.26 ms instead of ~1.1 ms eager, but compiling takes 3-4 s with a warm inductor cache (14-36 s
-    cold), more than the whole 2000-step training; on 10 000 runs it pays. See lab/bench.py --compile.
+    Measured on the 200-run benchmark population (2-core EPYC, one thread), before lab.fused: a compiled
+    step took ~0.26 ms against ~1.1 ms eager (eager is ~0.7 ms since), but compiling takes 3-4 s with a
+    warm inductor cache (12-36 s cold), more than the whole 2000-step training of a 200-run study, and
+    needs a C++ compiler at run time. See lab/bench.py --compile.
     """
     key = (spec.name, kind)
     if key not in _COMPILED:
