@@ -274,11 +274,6 @@ def _history_tags(h: Histories) -> torch.Tensor:
     return torch.stack([flip, relative_amplitude(loss_window), amplitude])
 
 
-def population_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> torch.Tensor:
-    """Every tag of one log step, [T, N]: `raw_row` then `tag_rows` for that row alone."""
-    return tag_rows(pop, [raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h)])[0]
-
-
 def _row_chunks(pop, resids, psis):
     """Consecutive whole blocks joined into chunks of at most _ROW_ELEMENTS values: (runs slice, blocks,
     e, psi [R, n, k]). Few chunks keep the row's op count low; bounded ones keep its tensors in cache."""
