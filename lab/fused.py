@@ -11,7 +11,7 @@ value as a dot product with psi, which sums without a [runs, n] tensor of values
     quantile  psi = sign(e)/2 + 1/2 - tau   l = psi e             (= (tau - 1/2) u + |u|/2, u = -e)
     huber     psi = clamp(e, -d, d)         l = psi (e - psi/2)  (e^2/2 inside, d |e| - d^2/2 outside)
     expectile psi = 2 w e                   l = w e^2 = psi e / 2, w = tau + (1 - 2 tau) [e > 0]
-    log_cosh  psi = sign(e) (1 - t)/(1 + t), t = exp(-2|e|): the exp that the value needs anyway
+    log_cosh  psi = tanh(e) from t = exp(-2|e|) (the exp the value needs anyway), or from sinh(|e|/2) below 1
 
 Other losses fall back to `spec.psi` and `spec.fn`. `residual_terms(spec)` returns the function;
 tests/test_fused.py checks every one against `spec.psi` and the float64 sum of `spec.fn`.
@@ -77,8 +77,6 @@ def _log_cosh(e: Tensor) -> tuple[Tensor, Tensor]:
     # exp(-2|e|) below ~1e-38 (|e| > 43 in float32) is a denormal, ~5x slower per element; from |e| = 20 on
     # t < 5e-18 no longer changes psi = (1 - t)/(1 + t) or |e| + log1p(t) in float32 or float64.
     t = torch.exp(a.clamp(max=20.0).mul_(-2.0))
-    u = t + 1.0
-    psi = torch.copysign((1.0 - t).div_(u), e)  # tanh(|e|) = (1 - t) / (1 + t), with e's sign
     h = a.clamp(max=1.0).mul_(0.5)
     h2 = h * h
     terms = losses._SINH_SERIES[:4] if e.dtype == torch.float32 else losses._SINH_SERIES
@@ -86,10 +84,15 @@ def _log_cosh(e: Tensor) -> tuple[Tensor, Tensor]:
     for c in reversed(terms[:-1]):
         series.mul_(h2).add_(c)
     s = series.mul_(h)  # sinh(h)
+    two_s2 = s * s * 2.0  # cosh(|e|) - 1 = 2 sinh(|e|/2)^2
     # Select the form per element with an exact 0/1 weight (1 where |e| >= 1): lerp with weight 0 or 1
     # returns one end exactly (both ends are finite), and float ops beat bool masks and where on CPUs.
     large = a.floor().clamp_(max=1.0)
-    w = torch.lerp(s.mul_(s).mul_(2.0), t, large)
+    # tanh|e| = (1 - t) / (1 + t) cancels for small |e| (1 - t loses the digits of 2|e|); below |e| = 1 it is
+    # 2 s sqrt(1 + s^2) / (1 + 2 s^2) from s = sinh(|e|/2), accurate to a few ulps down to denormals.
+    small_tanh = (s * (s * s + 1.0).sqrt_()).mul_(2.0).div_(two_s2 + 1.0)
+    psi = torch.copysign(torch.lerp(small_tanh, (1.0 - t).div_(t + 1.0), large), e)
+    w = torch.lerp(two_s2, t, large)
     v = w + 1.0
     # log1p(w) = log(v) - ((v - 1) - w) / v: the second term undoes the rounding of v = 1 + w
     log1p = torch.log(v).sub_(((v - 1.0).sub_(w)).div_(v))

@@ -45,6 +45,19 @@ _ROW_ELEMENTS = 1 << 18
 _BY_ABS_RESID = frozenset({"mse", "rmse", "mae", "huber", "smooth_l1", "log_cosh", "pseudo_huber"})
 
 
+def order_count(n: int) -> int:
+    """How many of a run's largest |residuals| a row needs: those behind p99 (linear interpolation) and
+    the top 1% (11 of 1000 points, 65 of 6302)."""
+    return max(n - quantile_rank(n, 0.99)[0], top_count(n, 0.01))
+
+
+def candidate_count(n: int) -> int:
+    """Candidates LargestResiduals keeps for n points: CANDIDATES, or 4x the order statistics a row
+    needs where that is more; 0 (use a full topk) where they would be half the points or more."""
+    m = max(CANDIDATES, 4 * order_count(n))
+    return m if n > 2 * m else 0
+
+
 def _effective_line(named: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean slope, mean intercept, mean |slope|) over outputs, [B] each: the residual averaged over
     outputs is mean_k(w_k) x + mean_k(b_k) - y. A constant model is a line of slope 0."""
@@ -81,6 +94,8 @@ class LargestResiduals:
         # c per flat parameter (the trainer's order: weight [k x 1], then bias [k]; or the k values)
         self.coef = torch.cat([ones * x_max[:, None], ones], 1) if kind == "linear" else ones  # [N, P]
         self.eps = torch.finfo(x.dtype).eps
+        # roundings allowed per evaluation, twice (snapshot and now): x w + b - y, then the mean over k outputs
+        self.roundings = 8 + 2 * k
         N = len(x_max)
         self.index = torch.zeros(N, candidates, dtype=torch.long, device=x.device)  # [N, M] candidate points
         self.theta0 = torch.zeros_like(self.coef)  # each run's parameters at its snapshot
@@ -96,9 +111,10 @@ class LargestResiduals:
         """
         theta, coef, index = P[runs], self.coef[runs], self.index[runs]
         moved = torch.linalg.vecdot((theta - self.theta0[runs]).abs_(), coef)
-        # A computed residual carries ~3 roundings of |x w| + |b| + |y| (its "size"), at the snapshot and
-        # now; size now <= size at the snapshot + moved, so 8 eps (size0 + moved) covers both evaluations.
-        margin = moved * (1 + 8 * self.eps)
+        # A computed residual carries ~3 roundings of |x w| + |b| + |y| (its "size", k more for the mean
+        # over outputs), at the snapshot and now; size now <= size at the snapshot + moved, so
+        # (8 + 2k) eps (size0 + moved) covers both evaluations.
+        margin = moved * (1 + self.roundings * self.eps)
         if sd is not None:
             margin = margin * sd[runs]
         top, pos = resid.gather(1, index).abs_().topk(m, dim=1)
@@ -111,7 +127,7 @@ class LargestResiduals:
         full, full_index = largest(resid[redo].abs(), self.candidates + 1)
         at = redo + runs.start  # population rows
         size0 = torch.linalg.vecdot(theta[redo].abs(), coef[redo]) + self.y_max[at]
-        allowance = 8 * self.eps * size0 * (1.0 if sd is None else sd[at])
+        allowance = self.roundings * self.eps * size0 * (1.0 if sd is None else sd[at])
         self.index[at], self.threshold[at] = full_index[:, :self.candidates], full[:, self.candidates] + allowance
         self.theta0[at] = theta[redo]
         self.fresh[at] = False
@@ -121,38 +137,48 @@ class LargestResiduals:
 
 
 class ResidualMoments:
-    """Central moments of each run's data, so that the residuals' kurtosis needs no pass over the points.
+    """Moments of each run's data, so that the residuals' kurtosis needs no pass over the points.
 
-    With X = x - mean(x) and Y = y - mean(y) (training units), the centred residual of a line of slope w
-    (averaged over outputs) is c_i = sd (w X_i - Y_i), so
+    With X = x - mean(x), Y = y - mean(y) (training units) and the least-squares slope w* = Sxy / Sxx, the
+    centred residual of a line of slope w (averaged over outputs) is c_i = sd (d X_i - R_i), with
+    d = w - w* and R = Y - w* X the least-squares residuals. So
 
-        sum c^2 = sd^2 (w^2 Sxx - 2 w Sxy + Syy)
-        sum c^4 = sd^4 (w^4 S40 - 4 w^3 S31 + 6 w^2 S22 - 4 w S13 + S04),   Sab = sum X^a Y^b,
+        sum c^2 = sd^2 (d^2 Sxx - 2 d Sxr + Srr)
+        sum c^4 = sd^4 (d^4 S40 - 4 d^3 S31 + 6 d^2 S22 - 4 d S13 + S04),   Sab = sum X^a R^b,
 
-    and the kurtosis n sum c^4 / (sum c^2)^2 - 3 does not depend on sd. The moments are float64: the
-    polynomial cancels to the residuals' size, which float64 resolves while the residuals are above
-    ~1e-4 of the targets' spread (a float32 pass over the points is no better below that).
+    and the kurtosis n sum c^4 / (sum c^2)^2 - 3 does not depend on sd. Expanding around w* rather than
+    0 keeps the polynomial from cancelling: its terms are of the size of the residuals themselves
+    whether the line is near the fit (small d) or far from it (d X dominates), where an expansion in w
+    would cancel |w X|^4 down to |c|^4 (a fit with residuals 1e-4 of the targets' spread lost every
+    digit). float64 throughout.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024):
-        parts = []
-        for lo in range(0, y.shape[0], chunk):  # float64 temporaries of [chunk, n], not [N, n]
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, max_elements: int = 1 << 22):
+        chunk = max(1, max_elements // max(y.shape[1], 1))  # float64 temporaries of ~32 MB, whatever n
+        slopes, parts = [], []
+        for lo in range(0, y.shape[0], chunk):
             X = x[lo:lo + chunk, :, 0].double()
             Y = y[lo:lo + chunk].double()
             X = X - X.mean(1, keepdim=True)
             Y = Y - Y.mean(1, keepdim=True)
-            X2, Y2 = X * X, Y * Y
-            parts.append(torch.stack([X2.sum(1), (X * Y).sum(1), Y2.sum(1), (X2 * X2).sum(1), (X2 * X * Y).sum(1),
-                                      (X2 * Y2).sum(1), (X * Y * Y2).sum(1), (Y2 * Y2).sum(1)]))
+            X2 = X * X
+            sxx = X2.sum(1)
+            best = (X * Y).sum(1) / sxx.clamp_min(torch.finfo(torch.float64).tiny)  # 0 where x is constant
+            R = Y - best[:, None] * X
+            R2 = R * R
+            slopes.append(best)
+            parts.append(torch.stack([sxx, (X * R).sum(1), R2.sum(1), (X2 * X2).sum(1), (X2 * X * R).sum(1),
+                                      (X2 * R2).sum(1), (X * R * R2).sum(1), (R2 * R2).sum(1)]))
+        self.best = torch.cat(slopes)  # [N] least-squares slopes
         self.S = torch.cat(parts, 1)  # [8, N]
 
     def kurtosis(self, slope: torch.Tensor, n: int) -> torch.Tensor:
-        """Excess kurtosis of each run's residuals for slopes [N] (any float dtype) -> [N] in that dtype."""
-        w = slope.double()
-        sxx, sxy, syy, s40, s31, s22, s13, s04 = self.S
-        w2 = w * w
-        sum_c2 = w2 * sxx - 2 * w * sxy + syy
-        sum_c4 = w2 * (w2 * s40 - 4 * w * s31 + 6 * s22) - 4 * w * s13 + s04
+        """Excess kurtosis of each run's residuals for slopes [..., N] (any float dtype), in that dtype."""
+        d = slope.double() - self.best
+        sxx, sxr, srr, s40, s31, s22, s13, s04 = self.S
+        d2 = d * d
+        sum_c2 = d2 * sxx - 2 * d * sxr + srr
+        sum_c4 = d2 * (d2 * s40 - 4 * d * s31 + 6 * s22) - 4 * d * s13 + s04
         return kurtosis_from_sums(sum_c2, sum_c4, n).to(slope.dtype)
 
 
@@ -185,7 +211,7 @@ class RawRow:
     loss: torch.Tensor  # [N] training loss in original units
     gap: torch.Tensor  # [N]
     lr: torch.Tensor  # [N]
-    P: torch.Tensor  # [N, P] parameters (a copy)
+    P: torch.Tensor | None  # [N, P] parameters (a copy), line models only (the MLP logs none of them)
     grad: torch.Tensor  # [2, N]: norm (pre-clip when clipped) and largest |component|
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
     history: torch.Tensor  # [3, N]: flip rate, loss amplitude, parameter amplitude (from the rings)
@@ -210,14 +236,14 @@ def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histori
     val = torch.stack([torch.linalg.vecdot(val_err, val_err), val_err.abs().sum(-1)])
     grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
     return RawRow(step=h.step, dist=dist, val=val, loss=_loss_in_original_units(pop, resids) if pop.any_norm else loss,
-                  gap=gap, lr=lr, P=P.clone(), grad=grad,
+                  gap=gap, lr=lr, P=P.clone() if pop.model.kind in ("linear", "constant") else None, grad=grad,
                   has_grad=None if chain is None else (chain != 0).to(P.dtype), history=_history_tags(h))
 
 
 def tag_rows(pop, raws: list[RawRow]) -> torch.Tensor:
     """Every scalar tag (SCALAR_TAGS, then param/<name>) of S raw rows: [S, T, N], computed for all
     rows at once (the shares, moments and parameter errors of a flush's rows in one go)."""
-    S, N = len(raws), raws[0].P.shape[0]
+    S, N = len(raws), raws[0].loss.shape[0]
     n, n_val = pop.y3.shape[1], pop.x_val.shape[1]
     dist = torch.stack([r.dist for r in raws], 1)  # [D, S, N]
     on_outliers, on_top, total, p99, ahead, *central = dist.unbind(0)
@@ -226,14 +252,14 @@ def tag_rows(pop, raws: list[RawRow]) -> torch.Tensor:
     if raws[0].has_grad is not None:  # shares of no gradient at all are 0
         has_grad = torch.stack([r.has_grad for r in raws])
         outlier_share, top = outlier_share * has_grad, top * has_grad
-    P = torch.stack([r.P for r in raws])  # [S, N, P]
+    P = torch.stack([r.P for r in raws]) if raws[0].P is not None else None  # [S, N, P]
     if pop.moments is not None:
         named = pop.shapes.named(P.reshape(S * N, -1))
         slope = _effective_line(named, pop.model.kind)[0].reshape(S, N)
         kurtosis = pop.moments.kurtosis(slope, n)
     else:
         kurtosis = kurtosis_from_sums(*central, n)
-    named_now = _named_now(P, pop)  # [S, N, K]
+    named_now = _named_now(P, pop) if P is not None else dist.new_zeros(S, N, 0)  # [S, N, K]
     val = torch.stack([r.val for r in raws], 1) / n_val  # [2, S, N]
     grad = torch.stack([r.grad for r in raws], 1)  # [2, S, N]
     flip, loss_amplitude, amplitude = torch.stack([r.history for r in raws], 1)  # [S, N] each
@@ -305,8 +331,7 @@ def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
     per_sample = psi.abs().sum(-1) if pop.k > 1 else psi[..., 0].abs()  # |dl_i/dy_hat| up to the run's chain
     # One search for the largest |resid| serves p99 |resid| and, where |psi| grows with |e|, the top-1%
     # gradient share: the largest |psi| sit at the largest |e| (sd > 0 keeps the order).
-    below, count = quantile_rank(n, 0.99)[0], top_count(n, 0.01)
-    m = max(n - below, count)
+    count, m = top_count(n, 0.01), order_count(n)
     if pop.largest is not None:
         top_resid, where = pop.largest.largest(resid, P, pop.sd[:, 0] if pop.any_norm else None, m, runs)
     else:

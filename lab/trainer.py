@@ -485,14 +485,15 @@ def _setup(cfgs, datasets, device, dtype):
     blocks, start = [], 0
     line = model.kind in ("linear", "constant")
     # Candidate order statistics need one host read per row: free on a CPU, a sync on a GPU.
-    candidates = line and device.type == "cpu" and x.shape[1] > 2 * log_row.CANDIDATES
+    candidates = log_row.candidate_count(x.shape[1]) if line and device.type == "cpu" else 0
     for name in dict.fromkeys(c.loss.name for c in cfgs):
         count = sum(c.loss.name == name for c in cfgs)
         spec = losses.spec(name)
         for lo in range(start, start + count, per_block):
             sl = slice(lo, min(lo + per_block, start + count))
-            blocks.append(_Block(runs=sl, spec=spec, terms=fused.residual_terms(spec), params=_stack_loss_params(cfgs[sl], name, dtype, device),
-                                 x=x[sl], y3=y3[sl], named={key: v[sl] for key, v in named.items()}))
+            blocks.append(_Block(runs=sl, spec=spec, terms=fused.residual_terms(spec),
+                                 params=_stack_loss_params(cfgs[sl], name, dtype, device), x=x[sl], y3=y3[sl],
+                                 named={key: v[sl] for key, v in named.items()}))
         start += count
     roots = [losses.spec(c.loss.name).root for c in cfgs]
     root = torch.tensor(roots, device=device) if any(roots) else None
@@ -500,10 +501,9 @@ def _setup(cfgs, datasets, device, dtype):
     # The outliers as padded index lists: the row sums |psi| over them with a gather of a few entries per
     # run instead of a pass over all n points (most runs have none).
     counts = outlier.sum(1)
-    width = max(int(counts.max()) if N else 0, 1)
-    order = torch.argsort((~outlier).to(torch.int8), dim=1, stable=True)[:, :width]  # outliers first
-    outlier_at = order.contiguous()
-    outlier_w = (torch.arange(width, device=device) < counts[:, None]).to(dtype)
+    most = max(int(counts.max()), 1)  # the most outliers any run has (once, at setup: a host read)
+    outlier_at = torch.argsort((~outlier).to(torch.int8), dim=1, stable=True)[:, :most].contiguous()  # outliers first
+    outlier_w = (torch.arange(most, device=device) < counts[:, None]).to(dtype)
 
     # exact reference optimum of each run's own objective (float64, once)
     refs = _references(cfgs, datasets, model.kind, mu, sd)
@@ -525,7 +525,7 @@ def _setup(cfgs, datasets, device, dtype):
                       any_norm=any_norm, root=root, ref_loss=ref_loss, ref_params=ref_params,
                       true_params=true_params, k=k, shapes=shapes,
                       moments=log_row.ResidualMoments(x, y) if line else None,
-                      largest=log_row.LargestResiduals(x, y3, model.kind, k) if candidates else None)
+                      largest=log_row.LargestResiduals(x, y3, model.kind, k, candidates) if candidates else None)
     return pop, P, refs, tol, named_keys, shapes
 
 

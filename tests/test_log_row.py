@@ -77,7 +77,7 @@ def test_candidates_for_a_constant_model():
 def test_kurtosis_from_moments_equals_the_direct_computation(kind):
     """float64 data: the polynomial in the slope equals excess_kurtosis of the residuals to 1e-10."""
     x, y = line_data(runs=8, n=400, dtype=torch.float64)
-    moments = log_row.ResidualMoments(x, y, chunk=3)  # chunks smaller than the population
+    moments = log_row.ResidualMoments(x, y, max_elements=3 * 400)  # chunks of 3 runs: smaller than the population
     slope = torch.linspace(-1, 4, 8, dtype=torch.float64) if kind == "linear" else torch.zeros(8, dtype=torch.float64)
     resid = slope[:, None] * x[..., 0] + 0.7 - y
     torch.testing.assert_close(moments.kurtosis(slope, 400), metrics.excess_kurtosis(resid), rtol=1e-10, atol=1e-10)
@@ -145,3 +145,34 @@ def test_candidates_and_moments_change_no_logged_number(flat, monkeypatch):
     for t, tag in enumerate(tags):
         rtol = 1e-9 if tag == "residual/kurtosis" else 0  # moments vs centred sums: float64 rounding
         assert np.allclose(a[:, t], b[:, t], rtol=rtol, atol=0, equal_nan=True), tag
+
+
+@pytest.mark.parametrize("noise,slopes", [(1e-5, [2.0, 2.0 + 3e-4, 0.0, -3.0]), (1e-2, [2.0, 2.5, 40.0, -1e3])])
+def test_kurtosis_from_moments_for_near_exact_fits_and_far_slopes(noise, slopes):
+    """A fit whose residuals are 1e-5 of the targets' spread, and slopes far from it: the expansion around
+    the least-squares slope matches the direct float64 kurtosis (an expansion in w itself lost every digit:
+    -460 for a true 0.0007)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 200, 1, generator=g, dtype=torch.float64) * 4 - 2
+    y = 2 * x[..., 0] + 1 + noise * torch.randn(4, 200, generator=g, dtype=torch.float64)
+    slope = torch.tensor(slopes, dtype=torch.float64)
+    got = log_row.ResidualMoments(x, y).kurtosis(slope, 200)
+    expected = metrics.excess_kurtosis(slope[:, None] * x[..., 0] - y)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_many_points_need_more_candidates(monkeypatch):
+    """n = 6500: a row needs the 66 largest |residuals| (p99 and the top 1%), more than the default 64
+    candidates; the candidates grow with it and the logged values equal the full topk's."""
+    from lab import config, data, trainer
+
+    assert log_row.order_count(6500) == 66 and log_row.candidate_count(6500) == 264
+    assert log_row.candidate_count(100) == 0  # too few points: a full topk
+    cfgs = [config.from_flat({"data.kind": "outliers", "data.n": 6500, "train.steps": 6, "train.log_every": 1,
+                              "train.hist_every": 0, "dtype": "float64", "seed": s}) for s in range(2)]
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    fast, direct = [], []
+    trainer.train(cfgs, datasets, on_log=fast.append)
+    monkeypatch.setattr(log_row, "candidate_count", lambda n: 0)
+    trainer.train(cfgs, datasets, on_log=direct.append)
+    assert np.array_equal(fast[0].values, direct[0].values, equal_nan=True)
