@@ -111,6 +111,10 @@ def run_study(flat: dict, sweep: dict, runs_dir: Path, threads: int | None) -> d
     result = runs_dir / "bench-result.json"
     spec.write_text(json.dumps({"flat": flat, "sweep": sweep, "runs_dir": str(runs_dir), "threads": threads,
                                 "result": str(result)}))
+    if hasattr(os, "sync"):
+        # The study syncs its files before writing summaries (lab.study), and a sync also writes back what
+        # earlier measurements left in the page cache (an every-step study leaves ~200 MB): start clean.
+        os.sync()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lab.bench", "--child", str(spec)], capture_output=True, text=True,
                           check=False)
