@@ -347,7 +347,9 @@ def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
         on_top,
         per_sample.sum(-1),
         quantile_from_top(top_resid, n, 0.99),
-        (ahead.sign() + 1).clamp_(max=1).sum(-1),  # count of ahead >= 0 (see coverage_of_residuals)
+        # count of ahead >= 0, as n minus the count of ahead < 0 (1 where -ahead > 0): float ops, in place
+        # after the first (see coverage_of_residuals; NaN stays NaN)
+        ahead.shape[-1] - (-ahead).clamp_(min=0).sign_().sum(-1),
     ]
     if pop.moments is None:
         c = resid - resid.mean(-1, keepdim=True)

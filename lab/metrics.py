@@ -62,7 +62,10 @@ def flip_rate(history: torch.Tensor, rows: int) -> torch.Tensor:
     # comparisons, & and sums of bool tensors are several times slower on CPUs.
     direction = u.sign() * (u.abs() - noise).sign_().clamp_(min=0)
     reversals = (direction[1:] * direction[:-1]).neg_().clamp_(min=0)  # 1 per reversal, else 0
-    return reversals.sum((0, 2)) / (max(rows, 1) * history.shape[-1])  # per run, over steps and params
+    # per run, over steps and params: summed over steps first (contiguous rows), then params; one sum over
+    # dims (0, 2) at once is ~4x slower on a CPU
+    per_param = reversals.reshape(reversals.shape[0], -1).sum(0).view(reversals.shape[1:])
+    return per_param.sum(-1) / (max(rows, 1) * history.shape[-1])
 
 
 def relative_amplitude(window: torch.Tensor) -> torch.Tensor:
