@@ -1,8 +1,10 @@
 """One log row: every scalar tag of every run of a lab.trainer population at one log step, on the device.
 
 The per-run definitions live in lab.metrics; this module evaluates them for a whole population at once,
-block by block (a block: runs that share a loss, few enough that their [runs, n] tensors stay in cache),
-from the residuals e = pred - target and psi the training step has just computed.
+in cache-sized chunks of whole blocks (a block: runs that share a loss), from the residuals
+e = pred - target and psi the training step has just computed. A row has two parts: `raw_row`, at its
+step, does what reads the [runs, n] tensors and the ring buffers; `tag_rows` derives the remaining
+tags (shares, kurtosis, parameter errors) for all the rows of a flush at once.
 
 With `log_every = 1` a row is computed as often as the step itself, so it is kept to few passes over
 the [runs, n] data:
@@ -10,8 +12,9 @@ the [runs, n] data:
 - p99 |residual| and the top-1% gradient share need the few largest |residuals| of each run. A topk
   over n points costs ~1.5 us per run (1000 points, CPU); `LargestResiduals` keeps a short list of
   candidates and proves, from how far the parameters moved, when the largest are still among them.
-- The kurtosis of a linear or constant model's residuals is a polynomial in its slope with the data's
-  central moments as coefficients (`ResidualMoments`, float64, computed once): no pass over the points.
+- The kurtosis of a linear or constant model's residuals is a polynomial in its slope with moments of
+  the data as coefficients (`ResidualMoments`, float64, computed once): no pass over the points.
+- The outlier share gathers |psi| at each run's outliers (padded index lists), not over all n points.
 """
 
 from __future__ import annotations
