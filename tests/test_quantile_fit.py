@@ -11,34 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from reference_helpers import data, objective, theta_of
 
-from lab import losses, quantile_fit
-from lab.reference import Reference, solve, solve_many
-
-# data, objective and theta_of are test_reference.py's, copied rather than imported from another test module.
-
-
-def data(n=201, seed=0, offset=(0.0, 0.0)):
-    """A noisy line with heavy-tailed (t, 2 dof) noise, so the losses' minimisers differ visibly."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=n)
-    y = 1.5 * x - 0.5 + rng.standard_t(2, size=n)
-    return x + offset[0], y + offset[1]
-
-
-def objective(loss, params, model, x, y, theta, weight=None):
-    """mean_i fn(f_theta(x_i), y_i) through lab.losses, in float64 (weighted mean if weight is given)."""
-    s = losses.spec(loss)
-    yt = torch.as_tensor(y, dtype=torch.float64)
-    pred = theta[0] * torch.as_tensor(x, dtype=torch.float64) + theta[1] if model == "linear" else torch.full_like(yt, theta[0])
-    w = torch.ones_like(yt) if weight is None else torch.as_tensor(weight, dtype=torch.float64)
-    value = float((w * s.fn(pred, yt, **losses.check_params(s.name, params))).sum() / w.sum())
-    return value ** 0.5 if s.root else value
-
-
-def theta_of(ref: Reference, model):
-    return [ref.params["slope"], ref.params["intercept"]] if model == "linear" else [ref.params["value"]]
+from lab import quantile_fit
+from lab.reference import solve, solve_many
 
 
 def quantile_problems(n, seed):

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from reference_helpers import data, objective, theta_of
 from scipy.optimize import linprog, minimize
 
 from lab import losses, reference
-from lab.reference import Reference, solve, solve_many
+from lab.reference import solve, solve_many
 
 CONVEX = [
     ("huber", {"delta": 1.0}),
@@ -35,24 +36,6 @@ CONVEX = [
 NONCONVEX = [("cauchy", {"scale": 1.0}), ("tukey", {"c": 2.0}), ("general", {"alpha": -2.0, "scale": 1.0})]
 
 
-def data(n=201, seed=0, offset=(0.0, 0.0)):
-    """A noisy line with heavy-tailed (t, 2 dof) noise, so the losses' minimisers differ visibly."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=n)
-    y = 1.5 * x - 0.5 + rng.standard_t(2, size=n)
-    return x + offset[0], y + offset[1]
-
-
-def objective(loss, params, model, x, y, theta, weight=None):
-    """mean_i fn(f_theta(x_i), y_i) through lab.losses, in float64 (weighted mean if weight is given)."""
-    s = losses.spec(loss)
-    yt = torch.as_tensor(y, dtype=torch.float64)
-    pred = theta[0] * torch.as_tensor(x, dtype=torch.float64) + theta[1] if model == "linear" else torch.full_like(yt, theta[0])
-    w = torch.ones_like(yt) if weight is None else torch.as_tensor(weight, dtype=torch.float64)
-    value = float((w * s.fn(pred, yt, **losses.check_params(s.name, params))).sum() / w.sum())
-    return value ** 0.5 if s.root else value
-
-
 def gradient(loss, params, model, x, y, theta):
     """mean_i psi_i * (x_i, 1): the gradient of the mean loss in (slope, intercept) or (value,)."""
     s = losses.spec(loss)
@@ -60,10 +43,6 @@ def gradient(loss, params, model, x, y, theta):
     pred = theta[0] * xt + theta[1] if model == "linear" else torch.full_like(yt, theta[0])
     psi = s.psi(pred, yt, **losses.check_params(s.name, params))
     return np.array([float((psi * xt).mean()), float(psi.mean())] if model == "linear" else [float(psi.mean())])
-
-
-def theta_of(ref: Reference, model):
-    return [ref.params["slope"], ref.params["intercept"]] if model == "linear" else [ref.params["value"]]
 
 
 def primal_lp(x, y, tau, model):
