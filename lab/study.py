@@ -131,8 +131,19 @@ def _short(v) -> str:
 
 def sweep_runs(base: Config | dict, sweep: dict[str, list]) -> list[Run]:
     """The runs of a sweep, named by `run_name`; names that would repeat get -2, -3, ... in grid order,
-    so every run has its own directory and `--resume` finds it again by name."""
-    return name_runs(expand(base, sweep))
+    so every run has its own directory and `--resume` finds it again by name.
+
+    Two runs with the same config (a value listed twice, `seed=0,0`) would train the same numbers twice:
+    that is refused (ValueError), naming the repeated settings."""
+    grid = expand(base, sweep)
+    seen: dict[str, dict] = {}
+    for cfg, swept in grid:
+        key = repr(cfg)
+        if key in seen:
+            same = ", ".join(f"{k}={v}" for k, v in swept.items()) or "the base config"
+            raise ValueError(f"sweep: the same run twice ({same}); list each value once")
+        seen[key] = swept
+    return name_runs(grid)
 
 
 def name_runs(grid: list[tuple[Config, dict]]) -> list[Run]:

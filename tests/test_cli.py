@@ -417,3 +417,12 @@ def test_the_command_exits_with_mains_code_and_all_its_output():
     assert proc.stdout == buffer.getvalue() and len(proc.stdout) > 2000
     bad = lab("run", "no-such-file.toml")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_a_sweep_listing_a_value_twice_is_refused(tmp_path):
+    # `seed=0,0` would train the same run twice (as -s0 and -s0-2): one line, exit 2, nothing trained.
+    proc = lab("sweep", "configs/clean.toml", "seed=0,0", "train.steps=5", "--runs-dir", tmp_path / "runs",
+               cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: sweep: the same run twice (seed=0)") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("summary.json"))
