@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -273,7 +274,9 @@ def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, 
     flats = [_prepare(r, runs_dir) for r in population]
     try:
         for r in population:
-            ds = data.make(r.config.data.kind, seed=r.config.seed, **config_mod.data_params(r.config.data))
+            # drawn in the run's dtype: a float64 run gets float64 noise, not float32 values widened
+            ds = data.make(r.config.data.kind, seed=r.config.seed, dtype=getattr(torch, r.config.dtype),
+                           **config_mod.data_params(r.config.data))
             ds.save(r.dir / "data.npz")
             datasets.append(ds)
         writers = [EventWriter(r.dir) for r in population]

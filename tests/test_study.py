@@ -223,3 +223,22 @@ def test_custom_scalars_layout_is_cached_but_returned_fresh():
         ("loss", ["loss/train", "loss/val_mse"]), ("grad", ["grad/norm"])]
     first.value[0].tag = "changed"  # a caller's change must not reach the next run's layout
     assert study.custom_scalars_layout(list(tags)).value[0].tag != "changed"
+
+
+def test_a_float64_run_trains_on_float64_data(tmp_path):
+    """The dataset is drawn in the run's dtype: a float64 run's data.npz equals lab.data.make(..., float64)
+    bit for bit, and its noise is not float32 values widened to float64."""
+    import torch
+
+    from lab import data
+
+    runs = study.sweep_runs({"name": "f64", "dtype": "float64", "data.kind": "heavy_tailed", "data.n": 50,
+                             "train.steps": 3, "train.figures": False}, {"seed": [0, 1]})
+    study.execute(runs, tmp_path)
+    for r in runs:
+        saved = np.load(r.dir / "data.npz", allow_pickle=False)
+        expected = data.make("heavy_tailed", seed=r.config.seed, n=50, dtype=torch.float64)
+        y = saved["y_train"]
+        assert y.dtype == np.float64
+        assert np.array_equal(y, expected.y.numpy())
+        assert not np.array_equal(y, y.astype(np.float32).astype(np.float64))
