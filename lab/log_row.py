@@ -61,15 +61,12 @@ def candidate_count(n: int) -> int:
     return m if n > 2 * m else 0
 
 
-def _effective_line(named: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean slope, mean intercept, mean |slope|) over outputs, [B] each: the residual averaged over
-    outputs is mean_k(w_k) x + mean_k(b_k) - y. A constant model is a line of slope 0."""
+def _mean_slope(named: dict, kind: str) -> torch.Tensor:
+    """Each run's slope averaged over outputs, [B]: the residual averaged over outputs is
+    mean_k(w_k) x + mean_k(b_k) - y. A constant model is a line of slope 0."""
     if kind == "linear":
-        w, b = named["weight"][..., 0], named["bias"]  # [B, k]
-        return w.mean(-1), b.mean(-1), w.abs().mean(-1)
-    b = named["value"]
-    zero = b.new_zeros(b.shape[0])
-    return zero, b.mean(-1), zero
+        return named["weight"][..., 0].mean(-1)
+    return named["value"].new_zeros(named["value"].shape[0])
 
 
 class LargestResiduals:
@@ -208,7 +205,6 @@ class RawRow:
     """The device-side part of a log row: what reads the step's [N, n] tensors or the ring buffers,
     reduced to [*, N], and a copy of the parameters; the remaining tags are derived at flush time."""
 
-    step: int
     dist: torch.Tensor  # [5 or 7, N] from _distribution
     val: torch.Tensor  # [2, N]: sum of squared and of absolute validation errors
     loss: torch.Tensor  # [N] training loss in original units
@@ -238,7 +234,7 @@ def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histori
     val_err = val_pred - pop.signal_val
     val = torch.stack([torch.linalg.vecdot(val_err, val_err), val_err.abs().sum(-1)])
     grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
-    return RawRow(step=h.step, dist=dist, val=val, loss=_loss_in_original_units(pop, resids) if pop.any_norm else loss,
+    return RawRow(dist=dist, val=val, loss=_loss_in_original_units(pop, resids) if pop.any_norm else loss,
                   gap=gap, lr=lr, P=P.clone() if pop.model.kind in ("linear", "constant") else None, grad=grad,
                   has_grad=None if chain is None else (chain != 0).to(P.dtype), history=_history_tags(h))
 
@@ -258,7 +254,7 @@ def tag_rows(pop, raws: list[RawRow]) -> torch.Tensor:
     P = torch.stack([r.P for r in raws]) if raws[0].P is not None else None  # [S, N, P]
     if pop.moments is not None:
         named = pop.shapes.named(P.reshape(S * N, -1))
-        slope = _effective_line(named, pop.model.kind)[0].reshape(S, N)
+        slope = _mean_slope(named, pop.model.kind).reshape(S, N)
         kurtosis = pop.moments.kurtosis(slope, n)
     else:
         kurtosis = kurtosis_from_sums(*central, n)
@@ -369,7 +365,8 @@ def _residuals(pop, blk, e: torch.Tensor) -> torch.Tensor:
 
 
 def _named_now(P, pop) -> torch.Tensor:
-    """Named parameters in original units, [S, N, len(named_keys)], from stacked parameters P [S, N, P]."""
+    """Named parameters in original units, [S, N, len(named_keys)], from stacked parameters P [S, N, P]
+    of a linear or constant model (an MLP names none: tag_rows logs no param/ tags for it)."""
     S, N, k = P.shape[0], P.shape[1], pop.k
     named = pop.shapes.named(P.reshape(S * N, -1))
     if pop.model.kind == "linear":
@@ -377,10 +374,8 @@ def _named_now(P, pop) -> torch.Tensor:
         if pop.any_norm:
             w, b = w * pop.sd, b * pop.sd + pop.mu
         return torch.stack([w, b], -1).reshape(S, N, 2 * k)
-    if pop.model.kind == "constant":
-        value = named["value"].reshape(S, N, k)
-        return value * pop.sd + pop.mu if pop.any_norm else value
-    return P.new_zeros(S, N, 0)
+    value = named["value"].reshape(S, N, k)
+    return value * pop.sd + pop.mu if pop.any_norm else value
 
 
 def _loss_in_original_units(pop, resids):
