@@ -25,14 +25,11 @@ import torch
 
 from lab.metrics import (
     HIST_TAGS,
-    flip_rate,
     histogram,
     kurtosis_from_sums,
     largest,
-    param_amplitude,
     quantile_from_top,
     quantile_rank,
-    relative_amplitude,
     top_count,
 )
 
@@ -183,24 +180,6 @@ class ResidualMoments:
 
 
 @dataclass
-class Histories:
-    """The recent per-step values a log row at `step` reads (ring buffers, oldest row overwritten)."""
-
-    step: int
-    window: int
-    ring: int
-    loss_ring: torch.Tensor  # [window, N]
-    param_ring: torch.Tensor | None  # [ring, N, P]
-    flip_ring: torch.Tensor | None  # [window, N] (models too large for param_ring)
-
-    def params(self, count: int) -> torch.Tensor:
-        """Parameters of the last `count` steps up to `step`, oldest first: [count, N, P]."""
-        count = min(count, self.step + 1)
-        steps = torch.arange(self.step - count + 1, self.step + 1, device=self.param_ring.device)
-        return self.param_ring[steps % self.ring]  # ring rows in step order, indexed on the device
-
-
-@dataclass
 class RawRow:
     """The device-side part of a log row: what reads the step's [N, n] tensors or the ring buffers,
     reduced to [*, N], and a copy of the parameters; the remaining tags are derived at flush time."""
@@ -213,15 +192,14 @@ class RawRow:
     P: torch.Tensor | None  # [N, P] parameters (a copy), line models only (the MLP logs none of them)
     grad: torch.Tensor  # [2, N]: norm (pre-clip when clipped) and largest |component|
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
-    history: torch.Tensor  # [3, N]: flip rate, loss amplitude, parameter amplitude (from the rings)
 
 
-def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histories) -> RawRow:
+def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
     """The part of a log row that must be taken at its step (on the device, no host sync).
 
     pop: the trainer's population (its blocks of runs, data and parameter views); resids and psis: each
     block's full-batch residuals e = pred - target and psi [B, n, k], in training units; loss, gap, lr [N]
-    as logged; grads [N, P] (gnorm: their pre-clip norm when clipped); h: the recent per-step histories.
+    as logged; grads [N, P] (gnorm: their pre-clip norm when clipped).
     Everything else is derived for many rows at once by `tag_rows`: a row is then a few dozen tensor
     ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
     """
@@ -236,12 +214,13 @@ def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr, h: Histori
     grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
     return RawRow(dist=dist, val=val, loss=_loss_in_original_units(pop, resids) if pop.any_norm else loss,
                   gap=gap, lr=lr, P=P.clone() if pop.model.kind in ("linear", "constant") else None, grad=grad,
-                  has_grad=None if chain is None else (chain != 0).to(P.dtype), history=_history_tags(h))
+                  has_grad=None if chain is None else (chain != 0).to(P.dtype))
 
 
-def tag_rows(pop, raws: list[RawRow]) -> torch.Tensor:
+def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
     """Every scalar tag (SCALAR_TAGS, then param/<name>) of S raw rows: [S, T, N], computed for all
-    rows at once (the shares, moments and parameter errors of a flush's rows in one go)."""
+    rows at once (the shares, moments and parameter errors of a flush's rows in one go). history
+    [3, S, N]: the rows' flip rate, loss amplitude and parameter amplitude (lab.history)."""
     S, N = len(raws), raws[0].loss.shape[0]
     n, n_val = pop.y3.shape[1], pop.x_val.shape[1]
     dist = torch.stack([r.dist for r in raws], 1)  # [D, S, N]
@@ -261,7 +240,7 @@ def tag_rows(pop, raws: list[RawRow]) -> torch.Tensor:
     named_now = _named_now(P, pop) if P is not None else dist.new_zeros(S, N, 0)  # [S, N, K]
     val = torch.stack([r.val for r in raws], 1) / n_val  # [2, S, N]
     grad = torch.stack([r.grad for r in raws], 1)  # [2, S, N]
-    flip, loss_amplitude, amplitude = torch.stack([r.history for r in raws], 1)  # [S, N] each
+    flip, loss_amplitude, amplitude = history  # [S, N] each
     tags = [
         torch.stack([r.loss for r in raws]),
         val[0],
@@ -283,20 +262,6 @@ def tag_rows(pop, raws: list[RawRow]) -> torch.Tensor:
         *named_now.unbind(-1),
     ]
     return torch.stack(tags, 1)
-
-
-def _history_tags(h: Histories) -> torch.Tensor:
-    """[3, N]: flip rate, loss amplitude and parameter amplitude over the last `window` steps (the rings
-    only hold those until the next steps overwrite them, so they are read at the row's own step)."""
-    loss_window = h.loss_ring[:min(h.step + 1, h.window)]  # the rows of the last `window` steps, in ring order
-    if h.param_ring is not None:
-        history = h.params(h.window + 2)
-        flip = flip_rate(history, min(h.step, h.window))
-        amplitude = param_amplitude(history[-h.window:])
-    else:
-        flip = h.flip_ring.sum(0) / max(min(h.step, h.window), 1)
-        amplitude = torch.full_like(flip, float("nan"))
-    return torch.stack([flip, relative_amplitude(loss_window), amplitude])
 
 
 def _row_chunks(pop, resids, psis):

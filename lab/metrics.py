@@ -47,25 +47,36 @@ def flip_rate(history: torch.Tensor, rows: int) -> torch.Tensor:
     """Share of recent steps in which a parameter's update reversed direction, averaged over parameters.
 
     history: [m, runs, P], consecutive parameter vectors theta_t0 .. theta_s; the updates are
-    u_t = theta_{t+1} - theta_t and a reversal at step t is u_t * u_{t-1} < 0 (strictly: a zero update
-    reverses nothing, nor does an update no larger than 4 ulps of the parameter). rows: how many steps the rate averages over (the window, or fewer early on);
-    reversals before the history's first pair count as 0 (the first update has no predecessor).
+    u_t = theta_{t+1} - theta_t and a reversal at step t is u_t * u_{t-1} < 0, where each update counts
+    only when it is larger than 4 ulps of the parameter it starts from (`update_directions`).
+    rows: how many steps the rate averages over (the window, or fewer early on); reversals before the
+    history's first pair count as 0 (the first update has no predecessor).
     Near 0: updates keep their direction (smooth descent). Near 1: every step undoes the last (oscillation).
     """
-    if history.shape[0] < 3:
-        return history.new_zeros(history.shape[1])
+    return reversal_counts(history).sum(0) / (max(rows, 1) * history.shape[-1])
+
+
+def update_directions(theta: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """sign(u) where |u| > 4 eps |theta|, else 0, elementwise: the direction of an update u from theta.
+
+    An update of rounding size (a converged run in float32) reverses at random: it is not oscillation.
+    Float arithmetic throughout: comparisons, & and sums of bool tensors are several times slower on CPUs.
+    """
+    noise = theta.abs().mul_(4 * torch.finfo(theta.dtype).eps)
+    return update.sign().mul_((update.abs() - noise).sign_().clamp_(min=0))
+
+
+def reversals(direction: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """1 where two consecutive update directions (from `update_directions`) are opposite, else 0."""
+    return (direction * previous).neg_().clamp_(min=0)
+
+
+def reversal_counts(history: torch.Tensor) -> torch.Tensor:
+    """Reversals of the pair (u_{t-1}, u_t) per run, summed over parameters, for the t whose pair lies in
+    history [m, runs, P] (theta_t0 .. theta_s): [m - 2, runs], row j for t = t0 + 1 + j."""
     u = history[1:] - history[:-1]  # [m-1, runs, P]
-    # An update of rounding size (a converged run in float32) reverses at random: it is not oscillation.
-    noise = 4 * torch.finfo(history.dtype).eps * history.abs().amax(0)  # [runs, P]
-    # The direction of each update that is larger than the noise: sign(u) where |u| > noise, else 0; a
-    # reversal is a pair of consecutive directions whose product is -1. Float arithmetic throughout:
-    # comparisons, & and sums of bool tensors are several times slower on CPUs.
-    direction = u.sign() * (u.abs() - noise).sign_().clamp_(min=0)
-    reversals = (direction[1:] * direction[:-1]).neg_().clamp_(min=0)  # 1 per reversal, else 0
-    # per run, over steps and params: summed over steps first (contiguous rows), then params; one sum over
-    # dims (0, 2) at once is ~4x slower on a CPU
-    per_param = reversals.reshape(reversals.shape[0], -1).sum(0).view(reversals.shape[1:])
-    return per_param.sum(-1) / (max(rows, 1) * history.shape[-1])
+    direction = update_directions(history[:-1], u)
+    return reversals(direction[1:], direction[:-1]).sum(-1)
 
 
 def relative_amplitude(window: torch.Tensor) -> torch.Tensor:

@@ -42,12 +42,16 @@ import torch
 from lab import fused, log_row, losses, metrics, models, reference
 from lab.config import Config, loss_params, n_outputs
 from lab.data import Dataset
+from lab.history import History
 from lab.optim import Hyper, Optimizer, clip_by_norm, lr_table
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")
 # Parameter histories (flip rate, parameter amplitude) are kept for models this small; bigger models
 # keep a per-step flip-rate history instead and log no parameter amplitude (NaN).
 _TRACK_PARAMS = 64
+# The history ring (lab.history) holds at most this many values (16 MiB of float32), or window + 2 steps
+# where that is more; a flush comes early when a pending row's window would be overwritten.
+_HISTORY_ELEMENTS = 1 << 22
 # Runs are processed in blocks of at most this many [run, point] values (512 KiB of float32): a block's
 # tensors stay in cache through the ~30 elementwise ops of a step, where one op over a whole large
 # population streams every tensor through main memory. Measured on 10 000 runs x 1000 points, 100
@@ -350,6 +354,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
 
     # ---- which steps log a row, and which steps a row's histories reach back to ---------------------
     row_steps = set(range(0, steps + 1, log_every)) | {steps} if log_every else {steps}
+    next_row = dict(zip(sorted(row_steps), sorted(row_steps)[1:]))  # row step -> the next one
     ring = window + 2  # a flip rate over `window` steps needs window + 2 parameter vectors
     needed = np.zeros(steps + 1, dtype=bool)
     for t in row_steps:
@@ -360,11 +365,12 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
     alive = torch.zeros(N, dtype=torch.long, device=device)  # steps survived: the diverged step, if any
     last_above = torch.full((N,), -1, dtype=torch.long, device=device)
     gap = torch.full((N,), float("nan"), dtype=dtype, device=device)
-    loss_ring = torch.zeros(window, N, dtype=dtype, device=device)
     track_params = n_params <= _TRACK_PARAMS
-    param_ring = torch.zeros(ring if track_params else 1, N, n_params, dtype=dtype, device=device)
-    flip_ring = None if track_params else torch.zeros(window, N, dtype=dtype, device=device)
-    prev_update = None if track_params else torch.zeros_like(P)
+    # the ring covers the windows of a whole flush where that fits (log_every 10: 50 rows span 542 steps)
+    span = ring + (flush_every - 1) * min(log_every or 1, ring)
+    capacity = max(ring, min(span, steps + 1, _HISTORY_ELEMENTS // (N * (n_params + 1 if track_params else 2))))
+    history = History(N, n_params, window, capacity, track_params, dtype, device)
+    prev_direction = None if track_params else torch.zeros_like(P)
 
     pending, pending_steps = [], []
     last_row = {}  # the most recent row [T, N] (caller order), for the summary's `final`
@@ -373,7 +379,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
 
     def flush():
         if pending:
-            rows = log_row.tag_rows(pop, pending)  # [S, T, N], all rows' small math at once
+            rows = log_row.tag_rows(pop, pending, history.tags(pending_steps))  # [S, T, N], all rows at once
             block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush
             last_row["values"], last_row["step"] = block[-1], pending_steps[-1]
             if on_log and log_every:
@@ -402,9 +408,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
             if xb is None:  # full batch: the gap of every step; NaN gap (no reference) counts as above
                 last_above = torch.where(gap <= tol, last_above, step)
             if needed[step]:
-                loss_ring[step % window] = loss
-                if track_params:
-                    param_ring[step % ring] = P
+                history.record(step, loss, P)
 
             if step in row_steps:
                 lr_now = lr_fixed[:, 0] if constant_lr else lr_tab[step, lr_col]
@@ -415,14 +419,11 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
                     # the full training set at log steps only (resolution: log_every steps).
                     last_above = torch.where(gap <= tol, last_above, step)
-                history = log_row.Histories(step, window, ring, loss_ring, param_ring if track_params else None,
-                                            flip_ring)
-                pending.append(log_row.raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now,
-                                                      history))
+                pending.append(log_row.raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
                     log_row.population_histograms(pop, step, resids, psis, chain, on_hist, inverse)
-                if len(pending) >= flush_every:
+                if len(pending) >= flush_every or history.must_flush(pending_steps[0], next_row.get(step)):
                     flush()
                     if should_stop and should_stop():
                         raise KeyboardInterrupt
@@ -438,12 +439,10 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
             total = new_P.sum(1) + loss
             active &= (total - total) == 0
             alive += active
-            if not track_params:
-                update = new_P - P
-                noise = 4 * torch.finfo(dtype).eps * P.abs()  # rounding-size updates reverse nothing
-                flip_ring[step % window] = ((update * prev_update < 0) & (update.abs() > noise)
-                                            & (prev_update.abs() > noise)).to(dtype).mean(1)
-                prev_update = update
+            if not track_params:  # the share of parameters whose update reverses the last (metrics.flip_rate)
+                direction = metrics.update_directions(P, new_P - P)
+                history.record_flips(step, metrics.reversals(direction, prev_direction).mean(1))
+                prev_direction = direction
             P.copy_(torch.where(active[:, None], new_P, P))  # in place: pop.named stays a view of P
     except KeyboardInterrupt:
         interrupted = True
