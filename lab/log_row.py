@@ -300,26 +300,50 @@ def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
         top_resid, where = pop.largest.largest(resid, P, pop.sd[:, 0] if pop.any_norm else None, m, runs)
     else:
         top_resid, where = largest(resid.abs(), m)
+    ahead = resid if pop.k == 1 else e[..., 0]  # the first output's residual (sd > 0 keeps its sign)
+    # minus the count of ahead < 0 (-1 where ahead < 0, 0 where ahead >= 0, -0.0 included): float ops,
+    # in place after the first (see coverage_of_residuals; NaN stays NaN)
+    negatives = ahead.clamp(max=0).sign_().sum(-1)
     on_top = per_sample.gather(1, where[:, :count]).sum(-1)
     for blk in blocks:
-        if not (blk.spec.name in _BY_ABS_RESID and pop.k == 1):  # the largest |psi| may sit elsewhere
-            local = slice(blk.runs.start - runs.start, blk.runs.stop - runs.start)
+        local = slice(blk.runs.start - runs.start, blk.runs.stop - runs.start)
+        if blk.spec.name == "quantile" and pop.k == 1:
+            on_top[local] = _quantile_top(resid[local], -negatives[local], blk.params.get("tau", 0.5), count)
+        elif not (blk.spec.name in _BY_ABS_RESID and pop.k == 1):  # the largest |psi| may sit elsewhere
             on_top[local] = largest(per_sample[local], count)[0].sum(-1)
-    ahead = resid if pop.k == 1 else e[..., 0]  # the first output's residual (sd > 0 keeps its sign)
     sums = [
         torch.linalg.vecdot(per_sample.gather(1, pop.outlier_at[runs]), pop.outlier_w[runs]),
         on_top,
         per_sample.sum(-1),
         quantile_from_top(top_resid, n, 0.99),
-        # count of ahead >= 0, as n minus the count of ahead < 0 (1 where -ahead > 0): float ops, in place
-        # after the first (see coverage_of_residuals; NaN stays NaN)
-        ahead.shape[-1] - (-ahead).clamp_(min=0).sign_().sum(-1),
+        ahead.shape[-1] + negatives,  # coverage count: n minus the count of ahead < 0
     ]
     if pop.moments is None:
         c = resid - resid.mean(-1, keepdim=True)
         c2 = c * c
         sums += [c2.sum(-1), torch.linalg.vecdot(c2, c2)]  # sum of c^4 without a [R, n] tensor of it
     return torch.stack(sums)
+
+
+def _quantile_top(resid: torch.Tensor, below: torch.Tensor, tau, count: int) -> torch.Tensor:
+    """Sum of the `count` largest |psi| of each run of a quantile block without a topk over its points.
+
+    psi = sign(e)/2 + (1/2 - tau) (lab.fused) takes three values: 1 - tau where e > 0, -tau where e < 0 and
+    1/2 - tau where e = 0 (computed here as the step computes them, in the run dtype). With the counts of
+    each, the top `count` are the largest values first: sum over values v, descending, of v times how
+    many of the count are left for it. resid [B, n] (any positive scale of e); below [B] the count of e < 0;
+    tau a float or [B, 1, 1]."""
+    n = resid.shape[1]
+    above = resid.clamp(min=0).sign_().sum(-1)  # count of e > 0
+    half_minus_tau = 0.5 - (tau.reshape(-1) if isinstance(tau, torch.Tensor) else resid.new_tensor(tau)).to(resid.dtype)
+    values = torch.stack(torch.broadcast_tensors(half_minus_tau + 0.5, half_minus_tau - 0.5, half_minus_tau), -1)
+    values = values.abs().expand(len(resid), 3)
+    counts = torch.stack([above, below, n - above - below], -1)  # [B, 3]
+    values, order = values.sort(-1, descending=True)
+    counts = counts.gather(-1, order)
+    before = counts.cumsum(-1) - counts  # points in larger classes
+    taken = torch.minimum((count - before).clamp_(min=0), counts)
+    return torch.linalg.vecdot(values, taken)
 
 
 def _residuals(pop, blk, e: torch.Tensor) -> torch.Tensor:

@@ -176,3 +176,30 @@ def test_many_points_need_more_candidates(monkeypatch):
     monkeypatch.setattr(log_row, "candidate_count", lambda n: 0)
     trainer.train(cfgs, datasets, on_log=direct.append)
     assert np.array_equal(fast[0].values, direct[0].values, equal_nan=True)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5, 0.9, "per_run"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_quantile_top_share_from_counts_equals_a_topk(tau, dtype):
+    # Reference: the sum of the `count` largest |psi| by topk, psi from lab.fused (the step's own values).
+    # Residuals with many exact zeros, and runs with few points on one side, so that the top `count` take
+    # values from two or three of the classes.
+    from lab import fused, losses
+
+    g = torch.Generator().manual_seed(3)
+    runs, n, count = 12, 400, 40
+    e = torch.randn(runs, n, 1, generator=g, dtype=torch.float64).to(dtype)
+    e[:4, :200] = 0.0
+    e[4:8] = e[4:8].abs()
+    e[4:8, :5] *= -1  # 5 points below
+    e[8:, :30] = -e[8:, :30].abs()
+    e[8:, 30:] = e[8:, 30:].abs()
+    e[8:, 30:60] = 0.0
+    if tau == "per_run":
+        tau = torch.linspace(0.05, 0.95, runs, dtype=dtype)[:, None, None]
+    psi, _ = fused.residual_terms(losses.spec("quantile"))(e, tau=tau)
+    expected = psi[..., 0].abs().topk(count, dim=1).values.sum(-1)
+    below = (e[..., 0] < 0).sum(-1).to(dtype)
+    got = log_row._quantile_top(e[..., 0] * 3.0, below, tau, count)  # any positive scale of e
+    rtol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=0)
