@@ -235,8 +235,8 @@ def _load(args, sweep_words: bool):
     return config.load(args.config, fixed, sweep=swept)
 
 
-def _check_before_training(cfgs, runs_dir: Path, names: list[str]) -> None:
-    """Device, names, memory and the runs directory, before anything is written or trained."""
+def _check_before_training(cfgs, names: list[str]) -> None:
+    """Names, device and memory: the first checks, before anything is written or trained."""
     from lab import rundir, study, trainer
 
     for name in names:
@@ -244,7 +244,25 @@ def _check_before_training(cfgs, runs_dir: Path, names: list[str]) -> None:
     for device in dict.fromkeys(c.device for c in cfgs):
         trainer.resolve_device(device)  # a clear ValueError for device=cuda without a GPU
     study.check_fits(list(cfgs))  # before a sweep directory is made: a refused study leaves nothing behind
-    rundir.check_writable(runs_dir)
+
+
+def _check_data_and_runs_dir(todo, runs_dir: Path, prefix: str = "") -> None:
+    """The data of the runs to train, then the runs directory: the last checks before anything is written.
+
+    Each dataset is drawn here, once: training reuses it. Data its dtype cannot hold is bad input
+    (one line, exit 2), not a failed run: the same draw would overflow on every try.
+    """
+    from lab import data, rundir, study
+
+    try:
+        study.draw_data(todo)  # after check_fits: data too large for memory is refused, not drawn
+    except data.DataRangeError as e:
+        raise UsageError(f"{prefix}{e}; nothing was trained") from None
+    rundir.check_writable(runs_dir)  # makes runs_dir: only once the input is accepted
+
+
+def _note_device(cfgs) -> None:
+    """Said only once the input is accepted, so that refused input stays one line on stderr."""
     if any(c.device == "auto" for c in cfgs) and not _cuda():
         print("note: device=auto found no CUDA GPU; training on the CPU", file=sys.stderr)
 
@@ -265,12 +283,15 @@ def _run(args) -> int:
             config.validate(cfg)
         except config.ConfigError as e:
             raise config.ConfigError(f"{e} (this file has a [sweep] table: train it with lab sweep)") from None
-        print(f"note: {args.config} has a [sweep] table; lab run trains only its base config "
-              f"(lab sweep trains the grid)", file=sys.stderr)
     runs_dir = Path(args.runs_dir)
     name = args.name or cfg.name
-    _check_before_training([cfg], runs_dir, [name])
     run = study.Run(config=cfg, name=name)
+    _check_before_training([cfg], [name])
+    _check_data_and_runs_dir([run], runs_dir)
+    if sweep:
+        print(f"note: {args.config} has a [sweep] table; lab run trains only its base config "
+              f"(lab sweep trains the grid)", file=sys.stderr)
+    _note_device([cfg])
     _, interrupted = study.execute([run], runs_dir, figures=cfg.train.figures and not args.no_figures)
     s = run.summary
     print(run.dir)
@@ -313,11 +334,19 @@ def _sweep(args) -> int:
     from lab import study
     runs_dir = Path(args.runs_dir)
     name = args.name or cfg.name
-    _check_before_training([r.config for r in runs], runs_dir, [name])
+    _check_before_training([r.config for r in runs], [name])
     sweep_dir = runs_dir / name
-    todo = runs
-    if args.resume and sweep_dir.exists():
-        todo = _resume(runs, sweep_dir)
+    resume = args.resume and sweep_dir.exists()
+    todo = _resume(runs, sweep_dir) if resume else runs
+    # Data that overflows refuses the whole sweep, as any other bad value does: such a run could only
+    # ever fail, the fix is a different value in the grid, and a refusal costs no training.
+    _check_data_and_runs_dir(todo, runs_dir, prefix="sweep: ")
+    _note_device([r.config for r in runs])
+    if resume:
+        for r in todo:
+            if r.dir is not None:  # a fresh start: no duplicate steps in TensorBoard
+                for f in r.dir.glob("events.out.tfevents.*"):
+                    f.unlink()
         print(f"resume: {len(runs) - len(todo)} of {len(runs)} runs already completed in {sweep_dir}", file=sys.stderr)
     else:
         # A new sweep never writes into an existing one: runs/<name>-2, -3, ... (--resume continues one).
@@ -364,6 +393,7 @@ def _resume(runs, sweep_dir: Path):
     """Match runs to existing directories by name; skip completed ones, retrain the others in place.
 
     A completed run trained from a different config is an error: resuming would mix two studies.
+    Only reads: the caller clears the old event files once every check has passed.
     """
     from lab import config, rundir
 
@@ -378,8 +408,6 @@ def _resume(runs, sweep_dir: Path):
                 _check_same_config(d, s.get("config") or {}, rundir.jsonable(config.to_flat(r.config)))
                 r.summary, r.dir = s, d
                 continue
-            for f in d.glob("events.out.tfevents.*"):  # a fresh start: no duplicate steps in TensorBoard
-                f.unlink()
             r.dir = d
         todo.append(r)
     return todo

@@ -510,7 +510,8 @@ def make(kind: str, n: int = 200, seed: int = 0, dtype=torch.float32, device="cp
     """Draw a dataset of ``kind`` (see :data:`KINDS`; parameters and defaults in :func:`defaults`).
 
     Raises ValueError naming the parameter, its value and what is allowed, for an unknown kind or
-    parameter, or a value out of range (NaN and inf included); TypeError for a non-float dtype.
+    parameter, or a value out of range (NaN and inf included); DataRangeError (a ValueError) when a
+    drawn value overflows ``dtype``; TypeError for a non-float dtype.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
@@ -521,8 +522,9 @@ def make(kind: str, n: int = 200, seed: int = 0, dtype=torch.float32, device="cp
     x_val, y_val, _ = _draw(kind, resolved, resolved["n_val"], val, contaminate=False)
 
     # Cast on the CPU, check, then move: identical bits on every device.
-    x, y, x_val, y_val = (t.to(dtype) for t in (x[:, None], y, x_val[:, None], y_val))
-    _check_finite(dtype, x=x, x_val=x_val, y=y, y_val=y_val)
+    wide = {"x": x[:, None], "x_val": x_val[:, None], "y": y, "y_val": y_val}  # float64
+    x, x_val, y, y_val = (t.to(dtype) for t in wide.values())
+    _check_finite(dtype, wide, x=x, x_val=x_val, y=y, y_val=y_val)
     params = {k: v for k, v in resolved.items() if k != "seed"}
     return Dataset(
         kind,
@@ -537,8 +539,16 @@ def make(kind: str, n: int = 200, seed: int = 0, dtype=torch.float32, device="cp
     )
 
 
-def _check_finite(dtype: torch.dtype, **tensors: Tensor) -> None:
-    """Raise ValueError when a draw does not fit ``dtype``.
+class DataRangeError(ValueError):
+    """A draw whose values ``dtype`` cannot hold: the parameters ask for numbers beyond the dtype's range.
+
+    Raised by :func:`make`. It is bad input, not a failed run: the same (kind, params, seed, dtype)
+    overflows on every try, so ``lab run`` and ``lab sweep`` refuse it before anything is written.
+    """
+
+
+def _check_finite(dtype: torch.dtype, wide: dict[str, Tensor], **tensors: Tensor) -> None:
+    """Raise DataRangeError when a draw does not fit ``dtype`` (``wide``: the same tensors in float64).
 
     Finite parameters can still overflow: target_scale = 1e300 or noise = 1e300 exceed float32's 3.4e38,
     and Student-t noise with df = 0.01 draws values beyond float64's range. Caught here, the error names
@@ -550,5 +560,7 @@ def _check_finite(dtype: torch.dtype, **tensors: Tensor) -> None:
             continue
         what = "x" if name.startswith("x") else "targets"
         fix = "narrow x_range" if what == "x" else "lower target_scale / noise / outlier_scale, or raise df"
-        raise ValueError(f"{what} are not finite in {str(dtype).removeprefix('torch.')} ({bad} of {t.numel()} "
-                         f"values of {name} overflow): {fix}")
+        if dtype != torch.float64 and all(bool(torch.isfinite(w).all()) for w in wide.values()):
+            fix += ", or set dtype=float64"  # the float64 draw holds every value: only the cast overflowed
+        raise DataRangeError(f"{what} are not finite in {str(dtype).removeprefix('torch.')} ({bad} of "
+                             f"{t.numel()} values of {name} overflow): {fix}")

@@ -46,6 +46,8 @@ class Run:
     swept: dict = field(default_factory=dict)  # swept key -> value
     dir: Path | None = None
     summary: dict | None = None
+    # drawn by draw_data before anything is written; execute trains on it, then lets it go
+    dataset: data.Dataset | None = field(default=None, repr=False, compare=False)
 
 
 def expand(base: Config | dict, sweep: dict[str, list]) -> list[tuple[Config, dict]]:
@@ -189,6 +191,39 @@ def check_fits(cfgs: list[Config]) -> None:
                           f"{have / 2**30:.1f} GiB available; use fewer runs or smaller data.n")
 
 
+def draw_data(runs: list[Run]) -> None:
+    """Draw each run's dataset now, before any directory is written; `execute` trains on it, never draws twice.
+
+    Data the run's dtype cannot hold (target_scale = 1e38 in float32, Student-t noise with a tiny df)
+    is bad input, not a failed run: the same draw overflows on every try. Raises data.DataRangeError
+    that counts every such run and names the first five. Any other error of a draw is left to `execute`,
+    which draws that run again and records it as failed, so it costs no other run its results.
+    """
+    bad = []
+    for r in runs:
+        if r.dataset is not None:
+            continue
+        try:
+            r.dataset = _make_data(r.config)
+        except data.DataRangeError as e:
+            bad.append((r, e))
+        except Exception:  # noqa: BLE001, S110 — execute meets it again and records it in this run's summary
+            pass
+    if not bad:
+        return
+    if len(runs) == 1:
+        raise bad[0][1]
+    shown = [", ".join(f"{k}={v}" for k, v in r.swept.items()) or r.name for r, _ in bad[:5]]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise data.DataRangeError(f"{len(bad)} of {len(runs)} runs draw data their dtype cannot hold "
+                              f"({'; '.join(shown)}{more}); the first: {bad[0][1]}")
+
+
+def _make_data(cfg: Config) -> data.Dataset:
+    # drawn in the run's dtype: a float64 run gets float64 noise, not float32 values widened
+    return data.make(cfg.data.kind, seed=cfg.seed, dtype=getattr(torch, cfg.dtype), **config_mod.data_params(cfg.data))
+
+
 class _Stop:
     """Turns SIGTERM into the same path as Ctrl-C: finish the current flush, mark runs interrupted."""
 
@@ -219,7 +254,8 @@ def execute(runs: list[Run], runs_dir: Path, figures: bool = False, on_done: Cal
     """Train every run (grouped into populations) and write its directory.
 
     Returns (runs, interrupted). Runs whose `dir` is already set are written there (resume);
-    the others get a new directory made atomically below runs_dir.
+    the others get a new directory made atomically below runs_dir. A run's `dataset`, if `draw_data`
+    drew it, is trained on and then dropped; one that does not fit its dtype fails that run alone.
     """
     check_fits([r.config for r in runs])
     interrupted = False
@@ -232,6 +268,7 @@ def execute(runs: list[Run], runs_dir: Path, figures: bool = False, on_done: Cal
         for population in groups.values():
             if interrupted:
                 for r in population:
+                    r.dataset = None
                     flat = _prepare(r, runs_dir)
                     _finish(r, None, "interrupted", hkeys, None, flat)
                     _notify(on_done, r)
@@ -240,6 +277,9 @@ def execute(runs: list[Run], runs_dir: Path, figures: bool = False, on_done: Cal
                 interrupted = _train_population(population, runs_dir, figures, hkeys, on_done, flush_every, stop)
             except KeyboardInterrupt:
                 interrupted = True
+            finally:
+                for r in population:  # a 10,000-run sweep holds only the populations still to train
+                    r.dataset = None
     return runs, interrupted
 
 
@@ -274,11 +314,10 @@ def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, 
     flats = [_prepare(r, runs_dir) for r in population]
     try:
         for r in population:
-            # drawn in the run's dtype: a float64 run gets float64 noise, not float32 values widened
-            ds = data.make(r.config.data.kind, seed=r.config.seed, dtype=getattr(torch, r.config.dtype),
-                           **config_mod.data_params(r.config.data))
-            ds.save(r.dir / "data.npz")
-            datasets.append(ds)
+            if r.dataset is None:  # kept on the run: a retry of this population alone does not draw it again
+                r.dataset = _make_data(r.config)
+            r.dataset.save(r.dir / "data.npz")
+            datasets.append(r.dataset)
         writers = [EventWriter(r.dir) for r in population]
         for flat, w in zip(flats, writers):
             w.add_text("config", _config_markdown(flat))

@@ -168,6 +168,10 @@ BAD_INPUTS = [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["loss.name=mse,mae"], "several values; lab run trains one config"),
     (["--runs-dir", "{tiny}/sub"], "is not a directory"),  # below a file
+    # float32 holds at most 3.4e38: y = 1e38 * (2x + 1 + noise) overflows wherever |2x + 1 + noise| > 3.4
+    (["data.target_scale=1e38"], "targets are not finite in float32"),
+    # Student-t with df = 0.01 has P(|t| > v) ~ v^-0.01: a third of the 60 draws lie beyond 3.4e38
+    (["data.kind=heavy_tailed", "data.df=0.01"], "or raise df"),
 ]
 
 
@@ -426,3 +430,69 @@ def test_a_sweep_listing_a_value_twice_is_refused(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: sweep: the same run twice (seed=0)") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("summary.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data the run's dtype cannot hold is bad input (exit 2, nothing written); divergence is a result (exit 3).
+
+
+def test_run_refuses_data_that_overflows_its_dtype_in_a_real_process(tmp_path):
+    # 1e38 * (2x + 1 + 0.5 z) exceeds float32's 3.4e38 for 40 of the 200 seed-0 points (the float64
+    # draw holds them all, so dtype=float64 is a fix and the message says so).
+    res = lab("run", "configs/clean.toml", "data.target_scale=1e38", "train.steps=5", "--runs-dir", tmp_path / "runs",
+              cwd=ROOT)
+    assert res.returncode == 2
+    assert one_error_line(res.stderr) == (
+        "error: targets are not finite in float32 (40 of 200 values of y overflow): lower target_scale / noise / "
+        "outlier_scale, or raise df, or set dtype=float64; nothing was trained")
+    assert res.stdout == ""
+    assert not (tmp_path / "runs").exists()  # no run directory, no failed summary.json
+
+
+def test_a_diverging_run_is_a_result_not_bad_input_in_a_real_process(tmp_path):
+    # configs/diverge.toml: finite data, lr = 1 above MSE's ceiling 0.75: training itself overflows.
+    res = lab("run", "configs/diverge.toml", "device=cpu", "train.figures=false", "--runs-dir", tmp_path, cwd=ROOT)
+    assert res.returncode == 3
+    assert res.stderr.splitlines()[-1].startswith("run diverged at step ") and "error:" not in res.stderr
+    run_dir = tmp_path / "diverge"
+    assert rundir.read_summary(run_dir)["status"] == "diverged"
+    assert (run_dir / "data.npz").exists()
+
+
+def test_sweep_refuses_every_run_when_some_data_overflows(tiny, tmp_path, capsys):
+    rc, out, err = run_in_process(capsys, "sweep", tiny, "data.target_scale=1,1e38", "seed=0,1",
+                                  "--runs-dir", tmp_path / "runs")
+    assert rc == 2 and out == ""
+    line = one_error_line(err)
+    assert line.startswith("error: sweep: 2 of 4 runs draw data their dtype cannot hold "
+                           "(data.target_scale=1e+38, seed=0; data.target_scale=1e+38, seed=1); the first: "
+                           "targets are not finite in float32")
+    assert line.endswith("; nothing was trained")
+    assert not (tmp_path / "runs").exists()  # the fine runs were not trained either
+
+
+def test_a_sweep_with_many_overflowing_runs_counts_them_all_and_names_five(tiny, tmp_path, capsys):
+    seeds = ",".join(map(str, range(7)))
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "dtype=float32,float64", "data.target_scale=1e38",
+                                f"seed={seeds}", "--runs-dir", tmp_path / "runs")
+    assert rc == 2
+    line = one_error_line(err)
+    # float64 holds 1e38 * (outlier-sized values): only the 7 float32 runs are refused
+    assert "sweep: 7 of 14 runs" in line and "dtype=float32, seed=4 and 2 more)" in line
+    assert "seed=5" not in line and "float64, seed" not in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_overflowing_data_and_leaves_the_sweep_as_it_was(tiny, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert run_in_process(capsys, "sweep", tiny, "seed=0,1", "--runs-dir", runs)[0] == 0
+    sweep_dir = runs / "tiny"
+    (sweep_dir / "outliers-mse-s1" / "summary.json").unlink()  # as if killed before the end
+    files = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    # Resuming only the unfinished s1, now with targets float32 cannot hold.
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "seed=1", "data.target_scale=1e38", "--runs-dir", runs,
+                                "--resume")
+    assert rc == 2 and "targets are not finite in float32" in one_error_line(err)
+    # s1 keeps its event file (a resume that goes ahead deletes it): a refused resume changes nothing.
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == files
+    assert [p.name for p in runs.iterdir()] == ["tiny"]

@@ -428,6 +428,20 @@ def test_a_draw_that_overflows_the_dtype_names_its_cause(kind, params, dtype, me
         assert text in str(error.value)
 
 
+def test_an_overflowing_draw_is_a_data_range_error_that_suggests_float64_only_where_it_fits():
+    # 1e38 * (2x + 1 + 0.5 z) is ~1e38 to 5e38: past float32's 3.4e38 for some points, far inside float64's.
+    with pytest.raises(data.DataRangeError, match=r"or set dtype=float64$") as error:
+        data.make("clean", n=50, target_scale=1e38)
+    assert isinstance(error.value, ValueError)  # callers that catch ValueError still do
+    assert torch.isfinite(data.make("clean", n=50, target_scale=1e38, dtype=torch.float64).y).all()
+    # 1e300 * 1e10 z is ~1e310: past float64 too, so float64 is not offered.
+    with pytest.raises(data.DataRangeError) as error:
+        data.make("clean", n=50, target_scale=1e300, noise=1e10)
+    assert "float64" not in str(error.value)
+    with pytest.raises(data.DataRangeError, match="not finite in float64"):
+        data.make("clean", n=50, target_scale=1e300, noise=1e10, dtype=torch.float64)
+
+
 def test_large_but_representable_targets_are_fine():
     ds = data.make("clean", n=50, target_scale=1e30)  # |y| ~ 1e31 < float32's 3.4e38
     assert bool(torch.isfinite(ds.y).all()) and ds.y.abs().max() > 1e29

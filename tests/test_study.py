@@ -242,3 +242,57 @@ def test_a_float64_run_trains_on_float64_data(tmp_path):
         assert y.dtype == np.float64
         assert np.array_equal(y, expected.y.numpy())
         assert not np.array_equal(y, y.astype(np.float32).astype(np.float64))
+
+
+def test_draw_data_draws_each_dataset_once_and_execute_trains_on_it(tmp_path, monkeypatch):
+    from lab import data
+
+    calls = []
+    real_make = data.make
+
+    def make(kind, seed=0, **kw):
+        calls.append(seed)
+        return real_make(kind, seed=seed, **kw)
+
+    monkeypatch.setattr(data, "make", make)
+    runs = study.sweep_runs({**TINY, "name": "once"}, {"seed": [0, 1, 2]})
+    study.draw_data(runs)
+    drawn = [r.dataset for r in runs]
+    assert calls == [0, 1, 2] and all(d is not None for d in drawn)
+    study.execute(runs, tmp_path)
+    assert calls == [0, 1, 2]  # training reused the drawn data: no second draw
+    assert all(r.summary["status"] == "completed" for r in runs)
+    assert all(r.dataset is None for r in runs)  # let go once its population is trained
+    for r, ds in zip(runs, drawn):
+        assert np.array_equal(np.load(r.dir / "data.npz")["y_train"], ds.y.numpy())
+
+
+def test_draw_data_names_the_runs_whose_data_overflows_and_defers_other_errors(monkeypatch):
+    from lab import data
+
+    real_make = data.make
+
+    def make(kind, seed=0, **kw):  # seed 3 fails for a reason that is not the config's: left to execute
+        if seed == 3:
+            raise RuntimeError("disk on fire")
+        return real_make(kind, seed=seed, **kw)
+
+    monkeypatch.setattr(data, "make", make)
+    runs = study.sweep_runs({**TINY, "name": "big"}, {"data.target_scale": [1.0, 1e38], "seed": [0, 3]})
+    with pytest.raises(data.DataRangeError) as error:
+        study.draw_data(runs)
+    assert str(error.value).startswith("1 of 4 runs draw data their dtype cannot hold (data.target_scale=1e+38, "
+                                       "seed=0); the first: targets are not finite in float32")
+    assert [r.dataset is not None for r in runs] == [True, False, False, False]
+    # One run alone: its own message, nothing about counts.
+    with pytest.raises(data.DataRangeError, match=r"^targets are not finite in float32 \("):
+        study.draw_data([study.Run(config=runs[2].config, name="one")])
+
+
+def test_overflowing_data_fails_its_run_alone_when_execute_draws_it(tmp_path):
+    # The library path (lab claims, lab.bench) draws inside execute: the run is recorded as failed and
+    # the others of its population still train.
+    runs = study.sweep_runs({**TINY, "name": "lib"}, {"data.target_scale": [1.0, 1e38, 2.0]})
+    study.execute(runs, tmp_path)
+    assert [r.summary["status"] for r in runs] == ["completed", "failed", "completed"]
+    assert runs[1].summary["error"].startswith("DataRangeError: targets are not finite in float32")
