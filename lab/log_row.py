@@ -3,8 +3,8 @@
 The per-run definitions live in lab.metrics; this module evaluates them for a whole population at once,
 in cache-sized chunks of whole blocks (a block: runs that share a loss), from the residuals
 e = pred - target and psi the training step has just computed. A row has two parts: `raw_row`, at its
-step, does what reads the [runs, n] tensors and the ring buffers; `tag_rows` derives the remaining
-tags (shares, kurtosis, parameter errors) for all the rows of a flush at once.
+step, does what reads the [runs, n] tensors; `tag_rows` derives the remaining tags (shares, kurtosis,
+parameter errors) for all the rows of a flush at once, with the oscillation tags from lab.history.
 
 With `log_every = 1` a row is computed as often as the step itself, so it is kept to few passes over
 the [runs, n] data:
@@ -15,6 +15,7 @@ the [runs, n] data:
 - The kurtosis of a linear or constant model's residuals is a polynomial in its slope with moments of
   the data as coefficients (`ResidualMoments`, float64, computed once): no pass over the points.
 - The outlier share gathers |psi| at each run's outliers (padded index lists), not over all n points.
+- The quantile loss's top-1% share follows from three counts (its |psi| takes three values).
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ blocks dominate, so everything else is kept off the per-step path: runs are proc
 blocks (`_BLOCK_ELEMENTS`); the
 linear model's forward and vjp are elementwise (x * w + b, sum(psi * x)) instead of batched matmuls
 with 1x1 matrices (1.6 ms -> 0.04 ms for 200 runs); the parameters are updated in place (the views
-stay valid); the oscillation metrics read short histories of parameters and losses written once per
-step (one copy each) instead of being computed every step; and the scalar tags are computed only at
-log steps (lab.log_row: raw_row at the step, tag_rows at each flush).
+stay valid); the oscillation metrics read a ring of parameters and losses written once per step (one
+copy each), derived for all rows of a flush at once (lab.history) instead of being computed every step;
+and the scalar tags are computed only at log steps (lab.log_row: raw_row at the step, tag_rows at each
+flush).
 
 Nothing in the loop forces a host-device sync: metrics are computed on the device into a buffer that
 is copied out every `flush_every` log steps and handed to the `on_log` / `on_hist` callbacks.
