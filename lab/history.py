@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lab.metrics import reversal_counts
+from lab.metrics import param_amplitude, relative_amplitude, reversal_counts
 
 
 class History:
@@ -78,11 +78,11 @@ class History:
             per_step, t0, n_params = self._consecutive(self.flips, first, last), first, 1  # row i = step first + i
         flip = self._window_sums(per_step, t0, row_steps)
         flip = flip / per_step.new_tensor([max(min(s, W), 1) * n_params for s in row_steps])[:, None]
-        loss_amplitude = self._windows(loss, first, row_steps, _relative_amplitude)
+        loss_amplitude = self._windows(loss, first, row_steps, relative_amplitude)
         if params is None:
             amplitude = torch.full_like(loss_amplitude, float("nan"))
         else:
-            amplitude = self._windows(params, first, row_steps, _param_amplitude)
+            amplitude = self._windows(params, first, row_steps, param_amplitude)
         return torch.stack([flip, loss_amplitude, amplitude])
 
     def _window_sums(self, per_step: torch.Tensor, t0: int, row_steps: list[int]) -> torch.Tensor:
@@ -100,7 +100,7 @@ class History:
         return (prefix[hi_idx] - prefix[lo_idx]).to(per_step.dtype)
 
     def _windows(self, values: torch.Tensor, first: int, row_steps: list[int], reduce) -> torch.Tensor:
-        """reduce(window [N, ..., w]) over each row's last `window` steps (fewer before step window - 1): [S, N].
+        """reduce(window [N, ..., w], dim=-1) over each row's last `window` steps (fewer before step window - 1): [S, N].
 
         values [L, N, ...] holds steps first .. first + L - 1. Rows with a full window are gathered as one
         [S, N, ..., W] tensor from the windows view (no copy of the overlapping windows before the gather)."""
@@ -108,18 +108,9 @@ class History:
         full = [s for s in row_steps if s + 1 >= W]
         early = [s for s in row_steps if s + 1 < W]  # only the first flush has these: a loop is fine
         for s in early:
-            out.append(reduce(values[:s + 1 - first].movedim(0, -1)))
+            out.append(reduce(values[:s + 1 - first].movedim(0, -1), dim=-1))
         if full:
             starts = torch.tensor([s - W + 1 - first for s in full], device=values.device)
-            out.append(reduce(values.unfold(0, W, 1)[starts]))  # [S', N, ..., W]
+            out.append(reduce(values.unfold(0, W, 1)[starts], dim=-1))  # [S', N, ..., W]
         return torch.cat([o.reshape(-1, values.shape[1]) for o in out])
 
-
-def _relative_amplitude(window: torch.Tensor) -> torch.Tensor:
-    """metrics.relative_amplitude over the last dim: (max - min) / |mean| of [..., N, w]."""
-    return (window.amax(-1) - window.amin(-1)) / window.mean(-1).abs().clamp_min(1e-12)
-
-
-def _param_amplitude(window: torch.Tensor) -> torch.Tensor:
-    """metrics.param_amplitude over the last dim: largest (max - min) of any parameter of [..., N, P, w]."""
-    return (window.amax(-1) - window.amin(-1)).amax(-1)

@@ -182,7 +182,7 @@ class ResidualMoments:
 
 @dataclass
 class RawRow:
-    """The device-side part of a log row: what reads the step's [N, n] tensors or the ring buffers,
+    """The device-side part of a log row: what reads the step's [N, n] tensors,
     reduced to [*, N], and a copy of the parameters; the remaining tags are derived at flush time."""
 
     dist: torch.Tensor  # [5 or 7, N] from _distribution

@@ -79,14 +79,15 @@ def reversal_counts(history: torch.Tensor) -> torch.Tensor:
     return reversals(direction[1:], direction[:-1]).sum(-1)
 
 
-def relative_amplitude(window: torch.Tensor) -> torch.Tensor:
-    """(max - min) / |mean| over the rows of a [rows, runs] history (the loss amplitude)."""
-    return (window.amax(0) - window.amin(0)) / window.mean(0).abs().clamp_min(1e-12)
+def relative_amplitude(window: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """(max - min) / |mean| over the rows of a [rows, runs] history (the loss amplitude); dim: the rows' dim."""
+    return (window.amax(dim) - window.amin(dim)) / window.mean(dim).abs().clamp_min(1e-12)
 
 
-def param_amplitude(window: torch.Tensor) -> torch.Tensor:
-    """Largest (max - min) of any parameter over the rows of a [rows, runs, P] history."""
-    return (window.amax(0) - window.amin(0)).amax(-1)
+def param_amplitude(window: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Largest (max - min) of any parameter over the rows of a [rows, runs, P] history; dim: the rows'
+    dim (-1 for [runs, P, rows])."""
+    return (window.amax(dim) - window.amin(dim)).amax(-1)
 
 
 def share_of(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
