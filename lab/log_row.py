@@ -309,7 +309,7 @@ def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
     for blk in blocks:
         local = slice(blk.runs.start - runs.start, blk.runs.stop - runs.start)
         if blk.spec.name == "quantile" and pop.k == 1:
-            on_top[local] = _quantile_top(resid[local], -negatives[local], blk.params.get("tau", 0.5), count)
+            on_top[local] = _quantile_top(resid[local], -negatives[local], blk.params["tau"], count)
         elif not (blk.spec.name in _BY_ABS_RESID and pop.k == 1):  # the largest |psi| may sit elsewhere
             on_top[local] = largest(per_sample[local], count)[0].sum(-1)
     sums = [
