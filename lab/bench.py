@@ -376,7 +376,7 @@ def markdown(fig: dict) -> str:
         ("speedup", f"{fig['speedup']:.0f}x (target >= {TARGETS['speedup']:.0f}x)"),
         ("same final parameters", f"{fig['same_final_params']} (max rel. diff {fig['max_param_rel_diff']:.1e})"),
         ("steps/s (runs x steps / lab time)", f"{fig['steps_per_s']:.3g}"),
-        (f"peak memory, {study}", f"{fig['peak_mb']:.0f} MB"),
+        (f"peak memory, {study}", _memory(fig.get("peak_mb"), fig.get("peak_gpu_mb"))),
         ("logging overhead vs logging off, default cadence (study time)",
          f"{fig['logging_overhead_default']:+.0%} (target <= 10%)"),
         ("logging overhead vs logging off, every tag every step (study time)",
@@ -384,7 +384,8 @@ def markdown(fig: dict) -> str:
         ("single run / minimal loop (no logging)", f"{fig['single_run_ratio']:.2f}x (target <= 1.5x)"),
     ]
     if fig.get("scale_10k_s") is not None:
-        scale = f"{fig['scale_10k_s']:.0f} s, {fig['scale_10k_peak_mb']:.0f} MB peak (target < 300 s)"
+        memory = _memory(fig["scale_10k_peak_mb"], fig.get("scale_peak_gpu_mb"))
+        scale = f"{fig['scale_10k_s']:.0f} s, {memory} peak (target < 300 s)"
         rows.append((f"{fig['scale_runs']:,} runs, fully logged", scale))
     if fig.get("compile"):
         c = fig["compile"]
@@ -397,17 +398,22 @@ def markdown(fig: dict) -> str:
     lines += [f"| {a} | {b} |" for a, b in rows]
     met, missed = targets_met(fig)
     notes = ("The usual loop is one `nn.Linear`, one `torch.optim.SGD` and one `SummaryWriter` per run, logging the "
-             "same tags at the same steps, on the same data from the same initial parameters. Training uses one "
-             "intra-op thread on a CPU (two were up to 20x slower whenever another process shared the cores). "
-             "Timings on shared cores move by 10-20% between runs, the baseline's too.")
+             "same tags at the same steps, on the same data from the same initial parameters.")
+    if fig["device"] == "cpu":
+        notes += (" Training uses one intra-op thread on a CPU (two were up to 20x slower whenever another process "
+                  "shared the cores). Timings on shared cores move by 10-20% between runs, the baseline's too.")
+    else:
+        notes += (" Memory: the process's peak resident memory, then the GPU's peak allocated memory. The targets "
+                  "are set for 2 CPU cores; on a GPU they are shown for comparison.")
     if met:
         notes += " Targets met: " + ", ".join(met) + "."
     if missed:
         notes += " Not met: " + ", ".join(missed) + "."
-    if fig["device"] == "cpu":
-        notes += (" CPU only: no CUDA figures in this table (`scripts/bench --device cuda` on a machine with a GPU "
-                  "measures them).")
     return "\n".join(lines) + "\n\n" + notes + "\n"
+
+
+def _memory(rss_mb: float, gpu_mb: float | None) -> str:
+    return f"{rss_mb:.0f} MB" + (f" + {gpu_mb:.0f} MB GPU" if gpu_mb is not None else "")
 
 
 def targets_met(fig: dict) -> tuple[list[str], list[str]]:
@@ -473,14 +479,18 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lab-bench-"))
+
+    def save(fig: dict) -> None:
+        # After each stage, so that a benchmark stopped in its scale point or its compile keeps the rest.
+        Path(args.out).write_text(json.dumps(fig, indent=2) + "\n")
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(fig))
+
     try:
-        fig = _measure(args, root)
+        fig = _measure(args, root, save)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    Path(args.out).write_text(json.dumps(fig, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(fig))
     print(markdown(fig))
     print(f"figures written to {args.out}")
     return 0
@@ -490,7 +500,7 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _measure(args, root: Path) -> dict:
+def _measure(args, root: Path, save) -> dict:
     flat, sweep = study_flat(args.device, args.steps), study_sweep(args.seeds)
     n_runs = len(LOSSES) * len(DATASETS) * args.seeds
     # The three logging modes take turns, repeat after repeat, so that a slow spell of a shared machine
@@ -536,9 +546,7 @@ def _measure(args, root: Path) -> dict:
     }
     if args.device == "cuda":
         fig["peak_gpu_mb"] = lab.get("peak_gpu_mb")
-    if args.compile:
-        _say("torch.compile: the population step compiled (in process)")
-        fig["compile"] = compiled_population(flat, sweep)
+    save(fig)
     if args.scale_runs:
         seeds = math.ceil(args.scale_runs / (len(LOSSES) * len(DATASETS)))
         _say(f"scale: {seeds * len(LOSSES) * len(DATASETS)} runs, fully logged")
@@ -548,6 +556,11 @@ def _measure(args, root: Path) -> dict:
         if args.device == "cuda":
             fig["scale_peak_gpu_mb"] = scale.get("peak_gpu_mb")
         shutil.rmtree(root / "scale", ignore_errors=True)
+        save(fig)
+    if args.compile:
+        _say("torch.compile: the population step compiled (in process)")
+        fig["compile"] = compiled_population(flat, sweep)
+        save(fig)
     return fig
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -496,3 +497,40 @@ def test_resume_refuses_overflowing_data_and_leaves_the_sweep_as_it_was(tiny, tm
     # s1 keeps its event file (a resume that goes ahead deletes it): a refused resume changes nothing.
     assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == files
     assert [p.name for p in runs.iterdir()] == ["tiny"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sweep_on_cuda_logs_what_the_same_sweep_logs_on_cpu(tiny, tmp_path, capsys):
+    # Reference: the same sweep on the CPU. Data, initial parameters and minibatches come from CPU
+    # generators, so each run is the same run on either device; float64 makes the GPU's other order of
+    # summation show only in the last digits. Every scalar of every run must agree, and a single run
+    # on the GPU must draw its figures (tensors come back to the CPU for matplotlib).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sweep = ("loss.name=mse,mae,quantile", "data.kind=outliers,skewed", "dtype=float64", "train.steps=60")
+    scalars = {}
+    for device in ("cpu", "cuda"):
+        rc, _, err = run_in_process(capsys, "sweep", tiny, *sweep, f"device={device}", "--runs-dir",
+                                    tmp_path / device)
+        assert rc == 0, err
+        for summary_path in sorted((tmp_path / device / "tiny").glob("*/summary.json")):
+            summary = json.loads(summary_path.read_text())
+            assert summary["status"] == "completed" and summary["config"]["device"] == device
+            acc = EventAccumulator(str(summary_path.parent), size_guidance={"scalars": 0})
+            acc.Reload()
+            scalars[device, summary_path.parent.name] = {
+                tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    names = sorted(name for device, name in scalars if device == "cpu")
+    assert len(names) == 6 and names == sorted(name for device, name in scalars if device == "cuda")
+    for name in names:
+        cpu, gpu = scalars["cpu", name], scalars["cuda", name]
+        assert cpu.keys() == gpu.keys() and "loss/train" in cpu
+        for tag in cpu:
+            assert [s for s, _ in gpu[tag]] == [s for s, _ in cpu[tag]], (name, tag)
+            assert np.allclose([v for _, v in gpu[tag]], [v for _, v in cpu[tag]], rtol=1e-6, atol=1e-9,
+                               equal_nan=True), (name, tag)
+    rc, out, err = run_in_process(capsys, "run", tiny, "device=cuda", "train.figures=true", "--runs-dir",
+                                  tmp_path / "one")
+    assert rc == 0, err
+    assert {p.name for p in (Path(out.splitlines()[0]) / "figures").glob("*.png")} == {"fit.png", "residuals.png"}

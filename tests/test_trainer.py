@@ -295,3 +295,40 @@ def test_a_run_at_rest_does_not_oscillate():
     (res,), _, _ = train([c])
     assert res.final["convergence/gap"] <= 1e-5
     assert res.final["oscillation/flip_rate"] < 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model,batch_size", [("linear", 0), ("mlp", 0), ("linear", 16)])
+def test_population_on_cuda_equals_the_same_population_on_cpu(model, batch_size):
+    # Reference: the same mixed population trained on the CPU (float64). Data, initial parameters and
+    # minibatches come from CPU generators, so a run is the same run on either device; the GPU reduces
+    # in another order, so the two agree to float64 rounding carried through 200 steps, not bit for
+    # bit: in the parameters, in every logged scalar and in every histogram's counts and edges.
+    flats = [
+        {"loss.name": "mae", "seed": 3, "optim.lr": 0.05},
+        {"loss.name": "huber", "loss.delta": 0.3, "data.kind": "outliers", "optim.momentum": 0.9, "optim.lr": 0.01},
+        {"loss.name": "quantile", "loss.tau": 0.8, "data.kind": "skewed", "optim.momentum": 0.5, "optim.lr": 0.02},
+        {"loss.name": "log_cosh", "data.kind": "heavy_tailed"},
+        {"loss.name": "mse", "seed": 1, "optim.schedule": "cosine", "optim.clip_grad_norm": 0.5},
+    ]
+    common = {"data.n": 64, "train.steps": 200, "train.log_every": 10, "train.hist_every": 50, "model.kind": model,
+              "train.batch_size": batch_size}
+    results, hists = {}, {}
+    for device in ("cpu", "cuda"):
+        cfgs = [cfg(**common, **f, device=device) for f in flats]
+        hists[device] = []
+        res, _, blocks = train(cfgs, on_hist=lambda *h, out=hists[device]: out.append(h))
+        results[device] = (res, np.concatenate([b.values for b in blocks]))
+    (cpu, v_cpu), (gpu, v_gpu) = results["cpu"], results["cuda"]
+    for a, b in zip(cpu, gpu):
+        assert a.status == b.status == "completed"
+        for key in a.params:
+            assert np.allclose(b.params[key], a.params[key], rtol=1e-9, atol=1e-12), key
+        assert a.steps_to_converge == b.steps_to_converge
+    assert np.allclose(v_gpu, v_cpu, rtol=1e-7, atol=1e-10, equal_nan=True)
+    assert len(hists["cpu"]) == len(hists["cuda"]) > 0
+    for (s1, t1, c1, lo1, hi1), (s2, t2, c2, lo2, hi2) in zip(hists["cpu"], hists["cuda"]):
+        assert (s1, t1) == (s2, t2)
+        assert np.allclose(lo2, lo1, rtol=1e-9) and np.allclose(hi2, hi1, rtol=1e-9)
+        assert np.abs(c2 - c1).sum() <= 2 * len(c1)  # a point on a bin edge may fall either side
