@@ -267,21 +267,26 @@ def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
 
 def _row_chunks(pop, resids, psis):
     """Consecutive whole blocks joined into chunks of at most _ROW_ELEMENTS values: (runs slice, blocks,
-    e, psi [R, n, k]). Few chunks keep the row's op count low; bounded ones keep its tensors in cache."""
+    e, psi [R, n, k]). Few chunks keep the row's op count low; bounded ones keep its tensors in cache.
+    Where the step wrote its blocks into the population's row buffers (trainer `terms(keep=True)`), a
+    chunk is a view of them; otherwise its blocks are concatenated."""
     chunk, size = [], 0
     for blk, e, psi in zip(pop.blocks, resids, psis):
         if chunk and size + e.numel() > _ROW_ELEMENTS:
-            yield _join_chunk(chunk)
+            yield _join_chunk(pop, chunk)
             chunk, size = [], 0
         chunk.append((blk, e, psi))
         size += e.numel()
     if chunk:
-        yield _join_chunk(chunk)
+        yield _join_chunk(pop, chunk)
 
 
-def _join_chunk(chunk):
+def _join_chunk(pop, chunk):
     blocks = [blk for blk, _, _ in chunk]
     runs = slice(blocks[0].runs.start, blocks[-1].runs.stop)
+    first = chunk[0][1]
+    if pop.row_e is not None and first.data_ptr() == pop.row_e[runs].data_ptr():  # views of the buffers
+        return runs, blocks, pop.row_e[runs], pop.row_psi[runs]
     return runs, blocks, _cat([e for _, e, _ in chunk]), _cat([psi for _, _, psi in chunk])
 
 
@@ -309,7 +314,10 @@ def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
     for blk in blocks:
         local = slice(blk.runs.start - runs.start, blk.runs.stop - runs.start)
         if blk.spec.name == "quantile" and pop.k == 1:
-            on_top[local] = _quantile_top(resid[local], -negatives[local], blk.params["tau"], count)
+            classes = pop.row_cache.get(id(blk))
+            if classes is None:
+                classes = pop.row_cache[id(blk)] = quantile_classes(blk.params["tau"], resid, len(resid[local]))
+            on_top[local] = _quantile_top(resid[local], -negatives[local], classes, count)
         elif not (blk.spec.name in _BY_ABS_RESID and pop.k == 1):  # the largest |psi| may sit elsewhere
             on_top[local] = largest(per_sample[local], count)[0].sum(-1)
     sums = [
@@ -326,22 +334,27 @@ def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
     return torch.stack(sums)
 
 
-def _quantile_top(resid: torch.Tensor, below: torch.Tensor, tau, count: int) -> torch.Tensor:
+def quantile_classes(tau, like: torch.Tensor, runs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three values |psi| of a quantile block takes, largest first, and where each came from ([B, 3] each).
+
+    psi = sign(e)/2 + (1/2 - tau) (lab.fused) is 1 - tau where e > 0, -tau where e < 0 and 1/2 - tau where
+    e = 0, computed here as the step computes them, in the run dtype (`like`). tau: a float or [B, 1, 1].
+    Fixed for a run, so taken once per block (`_quantile_top` counts the classes at each row)."""
+    half_minus_tau = 0.5 - (tau.reshape(-1) if isinstance(tau, torch.Tensor) else like.new_tensor(tau)).to(like.dtype)
+    values = torch.stack(torch.broadcast_tensors(half_minus_tau + 0.5, half_minus_tau - 0.5, half_minus_tau), -1)
+    return values.abs().expand(runs, 3).sort(-1, descending=True)
+
+
+def _quantile_top(resid: torch.Tensor, below: torch.Tensor, classes, count: int) -> torch.Tensor:
     """Sum of the `count` largest |psi| of each run of a quantile block without a topk over its points.
 
-    psi = sign(e)/2 + (1/2 - tau) (lab.fused) takes three values: 1 - tau where e > 0, -tau where e < 0 and
-    1/2 - tau where e = 0 (computed here as the step computes them, in the run dtype). With the counts of
-    each, the top `count` are the largest values first: sum over values v, descending, of v times how
-    many of the count are left for it. resid [B, n] (any positive scale of e); below [B] the count of e < 0;
-    tau a float or [B, 1, 1]."""
+    With the count of points in each of |psi|'s three classes (`quantile_classes`), the top `count` are the
+    largest values first: sum over values v, descending, of v times how many of the count are left for
+    it. resid [B, n] (any positive scale of e); below [B] the count of e < 0."""
+    values, order = classes
     n = resid.shape[1]
     above = resid.clamp(min=0).sign_().sum(-1)  # count of e > 0
-    half_minus_tau = 0.5 - (tau.reshape(-1) if isinstance(tau, torch.Tensor) else resid.new_tensor(tau)).to(resid.dtype)
-    values = torch.stack(torch.broadcast_tensors(half_minus_tau + 0.5, half_minus_tau - 0.5, half_minus_tau), -1)
-    values = values.abs().expand(len(resid), 3)
-    counts = torch.stack([above, below, n - above - below], -1)  # [B, 3]
-    values, order = values.sort(-1, descending=True)
-    counts = counts.gather(-1, order)
+    counts = torch.stack([above, below, n - above - below], -1).gather(-1, order)  # [B, 3], as values
     before = counts.cumsum(-1) - counts  # points in larger classes
     taken = torch.minimum((count - before).clamp_(min=0), counts)
     return torch.linalg.vecdot(values, taken)

@@ -191,6 +191,11 @@ class _Population:
     moments: log_row.ResidualMoments | None  # the residual kurtosis without a pass (line models)
     largest: log_row.LargestResiduals | None  # candidates for the row's order statistics (CPU, line models)
     compiled: bool = False
+    # A row step's residuals and psi [N, n, k] for all runs, written block by block by the step itself, so
+    # that the log row reads chunks of whole blocks as views instead of concatenating them (lab.log_row).
+    row_e: torch.Tensor | None = None
+    row_psi: torch.Tensor | None = None
+    row_cache: dict = field(default_factory=dict)  # what lab.log_row derives once per block
 
     def forward(self, named: dict, x: torch.Tensor) -> torch.Tensor:
         """Predictions [B, b, k] of the runs whose parameter views are `named`, at x [B, b, 1]."""
@@ -198,29 +203,38 @@ class _Population:
             return x * named["weight"].transpose(1, 2) + named["bias"][:, None, :]
         return self.model.forward(named, x)
 
-    def terms(self, x: torch.Tensor | None = None, y3: torch.Tensor | None = None):
+    def terms(self, x: torch.Tensor | None = None, y3: torch.Tensor | None = None, keep: bool = False):
         """Each run's own loss and its gradient at the current parameters, block by block.
 
         x, y3: a minibatch [N, b, 1] (None: the full training set). Returns (mean loss m [N] in
         training units, dm/dtheta [N, P] times b * k, and per block its residuals e = pred - target
-        and psi [B, b, k]).
+        and psi [B, b, k]). keep (full batch only): the residuals and psi go to `row_e` and `row_psi`,
+        and the returned ones are views of them.
         """
         values, weight_grads, bias_grads, flats, resids, psis = [], [], [], [], [], []
+        if keep and self.row_e is None:
+            shape = (*self.y3.shape[:2], self.k)
+            self.row_e, self.row_psi = self.y3.new_empty(shape), self.y3.new_empty(shape)
         for blk in self.blocks:
             xb = blk.x if x is None else x[blk.runs]
             target = blk.y3 if y3 is None else y3[blk.runs]
+            e_out = self.row_e[blk.runs] if keep else None
             if self.model.kind in ("linear", "constant"):
                 block_terms = _compiled(blk.spec, self.model.kind) if self.compiled else _block_terms
                 value, weight_grad, bias_grad, e, psi = block_terms(blk.terms, self.model.kind, blk.named, xb,
-                                                                    target, blk.params)
+                                                                    target, blk.params, e_out)
                 if weight_grad is not None:
                     weight_grads.append(weight_grad)
                 bias_grads.append(bias_grad)
             else:
-                e = self.forward(blk.named, xb) - target
+                e = torch.sub(self.forward(blk.named, xb), target, out=e_out)
                 psi, value = blk.terms(e, **blk.params)
                 value = value / (e.shape[1] * e.shape[2])
                 flats.append(self.shapes.flat(self.model.vjp(blk.named, xb, psi)))
+            if keep:  # while the block is in cache
+                if e.data_ptr() != e_out.data_ptr():  # (a compiled step returns its own tensors)
+                    e = e_out.copy_(e)
+                psi = self.row_psi[blk.runs].copy_(psi)
             values.append(value)
             resids.append(e)
             psis.append(psi)
@@ -240,14 +254,14 @@ class _Population:
         return loss, torch.where(self.root, torch.where(positive, 0.5 / sq, 0.0), 1.0)
 
 
-def _block_terms(terms, kind: str, named: dict, x, target, params):
+def _block_terms(terms, kind: str, named: dict, x, target, params, e_out=None):
     """One block of a linear or constant model: (mean loss [B], d/dweight [B, k] or None, d/dbias [B, k],
     residuals e = pred - target and psi [B, b, k]); the gradients are sums over points (not yet divided
-    by b * k). terms: the block loss's lab.fused.residual_terms."""
+    by b * k). terms: the block loss's lab.fused.residual_terms; e_out: where to write e (or None)."""
     if kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
-        e = (x * named["weight"].transpose(1, 2)).add_(named["bias"][:, None, :]).sub_(target)
-    else:
-        e = named["value"][:, None, :] - target  # [B, b, k]: the constant's value broadcast over points
+        e = torch.mul(x, named["weight"].transpose(1, 2), out=e_out).add_(named["bias"][:, None, :]).sub_(target)
+    else:  # [B, b, k]: the constant's value broadcast over points
+        e = torch.sub(named["value"][:, None, :], target, out=e_out)
     psi, value_sum = terms(e, **params)
     # d/dw = sum_i psi_i x_i, d/db = sum_i psi_i (per output); the constant's value is a bias
     weight_grad = torch.linalg.vecdot(psi, x, dim=1) if kind == "linear" else None
@@ -267,7 +281,7 @@ def _compiled(spec, kind: str):
     """
     key = (spec.name, kind)
     if key not in _COMPILED:
-        def terms(terms_, kind_, named, x, target, params):
+        def terms(terms_, kind_, named, x, target, params, e_out=None):  # e_out: copied by the caller
             return _block_terms(fused.residual_terms(spec), kind, named, x, target, params)
 
         _COMPILED[key] = torch.compile(terms, dynamic=True)
@@ -398,7 +412,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                 xb, yb3 = pop.x[rows, idx], pop.y3[rows, idx]
             else:
                 xb, yb3 = None, None  # the full training set
-            m, flat, resids, psis = pop.terms(xb, yb3)
+            m, flat, resids, psis = pop.terms(xb, yb3, keep=xb is None and step in row_steps)
             loss, chain = pop.chain(m)
             scale = 1.0 / (batch * pop.k)  # the mean over points and outputs
             grads = flat * scale if chain is None else flat * (chain * scale)[:, None]  # dL/dtheta [N, P]
@@ -414,7 +428,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
             if step in row_steps:
                 lr_now = lr_fixed[:, 0] if constant_lr else lr_tab[step, lr_col]
                 if xb is not None:  # minibatch step: measure on the full training set
-                    m_full, _, resids, psis = pop.terms()
+                    m_full, _, resids, psis = pop.terms(keep=True)
                     loss, chain = pop.chain(m_full)
                     gap = loss - pop.ref_loss
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
