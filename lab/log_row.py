@@ -195,17 +195,17 @@ class RawRow:
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
 
 
-def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
+def raw_row(pop, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
     """The part of a log row that must be taken at its step (on the device, no host sync).
 
-    pop: the trainer's population (its blocks of runs, data and parameter views); resids and psis: each
-    block's full-batch residuals e = pred - target and psi [B, n, k], in training units; loss, gap, lr [N]
-    as logged; grads [N, P] (gnorm: their pre-clip norm when clipped).
+    pop: the trainer's population (its blocks of runs, data and parameter views, and in `row_e`,
+    `row_psi` the step's full-batch residuals e = pred - target and psi [N, n, k], in training units);
+    loss, gap, lr [N] as logged; grads [N, P] (gnorm: their pre-clip norm when clipped).
     Everything else is derived for many rows at once by `tag_rows`: a row is then a few dozen tensor
     ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
     """
     dist = _cat([_distribution(pop, runs, blocks, e, psi, P)
-                 for runs, blocks, e, psi in _row_chunks(pop, resids, psis)], dim=1)
+                 for runs, blocks, e, psi in _row_chunks(pop)], dim=1)
     val_pred = pop.forward(pop.named, pop.x_val)
     val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
     if pop.any_norm:
@@ -213,7 +213,7 @@ def raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
     val_err = val_pred - pop.signal_val
     val = torch.stack([torch.linalg.vecdot(val_err, val_err), val_err.abs().sum(-1)])
     grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
-    return RawRow(dist=dist, val=val, loss=_loss_in_original_units(pop, resids) if pop.any_norm else loss,
+    return RawRow(dist=dist, val=val, loss=_loss_in_original_units(pop) if pop.any_norm else loss,
                   gap=gap, lr=lr, P=P.clone() if pop.model.kind in ("linear", "constant") else None, grad=grad,
                   has_grad=None if chain is None else (chain != 0).to(P.dtype))
 
@@ -265,29 +265,26 @@ def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
     return torch.stack(tags, 1)
 
 
-def _row_chunks(pop, resids, psis):
+def _row_chunks(pop):
     """Consecutive whole blocks joined into chunks of at most _ROW_ELEMENTS values: (runs slice, blocks,
     e, psi [R, n, k]). Few chunks keep the row's op count low; bounded ones keep its tensors in cache.
-    Where the step wrote its blocks into the population's row buffers (trainer `terms(keep=True)`), a
-    chunk is a view of them; otherwise its blocks are concatenated."""
+    A chunk is a view of the population's row buffers, which the row step wrote block by block
+    (lab.trainer `terms(keep=True)`): no concatenation per row."""
     chunk, size = [], 0
-    for blk, e, psi in zip(pop.blocks, resids, psis):
-        if chunk and size + e.numel() > _ROW_ELEMENTS:
-            yield _join_chunk(pop, chunk)
+    for blk in pop.blocks:
+        numel = blk.y3.numel() * pop.k
+        if chunk and size + numel > _ROW_ELEMENTS:
+            yield _chunk(pop, chunk)
             chunk, size = [], 0
-        chunk.append((blk, e, psi))
-        size += e.numel()
+        chunk.append(blk)
+        size += numel
     if chunk:
-        yield _join_chunk(pop, chunk)
+        yield _chunk(pop, chunk)
 
 
-def _join_chunk(pop, chunk):
-    blocks = [blk for blk, _, _ in chunk]
+def _chunk(pop, blocks):
     runs = slice(blocks[0].runs.start, blocks[-1].runs.stop)
-    first = chunk[0][1]
-    if pop.row_e is not None and first.data_ptr() == pop.row_e[runs].data_ptr():  # views of the buffers
-        return runs, blocks, pop.row_e[runs], pop.row_psi[runs]
-    return runs, blocks, _cat([e for _, e, _ in chunk]), _cat([psi for _, _, psi in chunk])
+    return runs, blocks, pop.row_e[runs], pop.row_psi[runs]
 
 
 def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
@@ -381,10 +378,11 @@ def _named_now(P, pop) -> torch.Tensor:
     return value * pop.sd + pop.mu if pop.any_norm else value
 
 
-def _loss_in_original_units(pop, resids):
+def _loss_in_original_units(pop):
     """The configured loss of the original-unit residuals sd e (equals the training loss without normalisation)."""
     vals = []
-    for blk, e in zip(pop.blocks, resids):
+    for blk in pop.blocks:
+        e = pop.row_e[blk.runs]
         _, value_sum = blk.terms(e * pop.sd[blk.runs, :, None], **blk.params)
         vals.append(value_sum / (e.shape[1] * e.shape[2]))
     m = _cat(vals)

@@ -434,7 +434,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
                     # the full training set at log steps only (resolution: log_every steps).
                     last_above = torch.where(gap <= tol, last_above, step)
-                pending.append(log_row.raw_row(pop, resids, psis, loss, chain, P, grads, gnorm, gap, lr_now))
+                pending.append(log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
                     log_row.population_histograms(pop, step, resids, psis, chain, on_hist, inverse)
