@@ -274,10 +274,10 @@ _COMPILED: dict = {}
 def _compiled(spec, kind: str):
     """`_block_terms` through torch.compile, one compiled function per (loss, model kind).
 
-    Measured on the 200-run benchmark population (2-core EPYC, one thread), before lab.fused: a compiled
-    step took ~0.26 ms against ~1.1 ms eager (eager is ~0.7 ms since), but compiling takes 3-4 s with a
-    warm inductor cache (12-36 s cold), more than the whole 2000-step training of a 200-run study, and
-    needs a C++ compiler at run time. See lab/bench.py --compile.
+    Measured by `scripts/bench --compile` on the 200-run benchmark population (2000 steps, in process):
+    on 2 EPYC cores (one thread) eager 2.7 s, compiled 1.9 s plus 28 s compiling; on an H100 eager 2.6 s,
+    compiled 1.9 s plus 13 s compiling. Compiling costs more than the whole training of such a study,
+    so it is off by default; on a CPU it also needs a C++ compiler at run time.
     """
     key = (spec.name, kind)
     if key not in _COMPILED:
