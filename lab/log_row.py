@@ -1,4 +1,4 @@
-"""One log row: every scalar tag of every run of a lab.trainer population at one log step, on the device.
+"""One log row: every scalar tag of every run of a population (lab.population) at one log step, on the device.
 
 The per-run definitions live in lab.metrics; this module evaluates them for a whole population at once,
 in cache-sized chunks of whole blocks (a block: runs that share a loss), from the residuals
@@ -198,7 +198,7 @@ class RawRow:
 def raw_row(pop, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
     """The part of a log row that must be taken at its step (on the device, no host sync).
 
-    pop: the trainer's population (its blocks of runs, data and parameter views, and in `row_e`,
+    pop: the lab.population.Population (its blocks of runs, data and parameter views, and in `row_e`,
     `row_psi` the step's full-batch residuals e = pred - target and psi [N, n, k], in training units);
     loss, gap, lr [N] as logged; grads [N, P] (gnorm: their pre-clip norm when clipped).
     Everything else is derived for many rows at once by `tag_rows`: a row is then a few dozen tensor
@@ -269,7 +269,7 @@ def _row_chunks(pop):
     """Consecutive whole blocks joined into chunks of at most _ROW_ELEMENTS values: (runs slice, blocks,
     e, psi [R, n, k]). Few chunks keep the row's op count low; bounded ones keep its tensors in cache.
     A chunk is a view of the population's row buffers, which the row step wrote block by block
-    (lab.trainer `terms(keep=True)`): no concatenation per row."""
+    (`Population.terms(keep=True)`): no concatenation per row."""
     chunk, size = [], 0
     for blk in pop.blocks:
         numel = blk.y3.numel() * pop.k

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab import config, data, losses, reference, trainer
+from lab import config, data, losses, population, reference, trainer
 
 
 def cfg(**flat):
@@ -219,7 +219,7 @@ def test_blocks_of_runs_do_not_change_any_number(monkeypatch):
                                                                     "seed": s} for s in range(3)]
     cfgs = [cfg(**{"data.kind": "outliers", "data.n": 64, "train.steps": 60, **f}) for f in flats]
     big, _, blocks_big = train(cfgs)
-    monkeypatch.setattr(trainer, "_BLOCK_ELEMENTS", 64)  # one run per block
+    monkeypatch.setattr(population, "BLOCK_ELEMENTS", 64)  # one run per block
     small, _, blocks_small = train(cfgs)
     for a, b in zip(big, small):
         assert a.params == pytest.approx(b.params, abs=1e-12)

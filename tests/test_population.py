@@ -1,0 +1,61 @@
+"""lab.population: the step's loss and gradient of every run of a mixed population against autograd through
+the lab's loss modules, and the row buffers a row step fills."""
+
+import pytest
+import torch
+
+from lab import config, data, losses, population
+
+# One population, five losses (two runs with different deltas in one block: a per-run parameter tensor).
+FLATS = [{"loss.name": "huber", "loss.delta": 0.3, "data.kind": "outliers"},
+         {"loss.name": "huber", "loss.delta": 2.0, "seed": 4},
+         {"loss.name": "log_cosh", "data.kind": "heavy_tailed"},
+         {"loss.name": "mae", "data.kind": "skewed", "seed": 2},
+         {"loss.name": "mse", "data.kind": "outliers", "seed": 1},
+         {"loss.name": "quantile", "loss.tau": 0.8, "seed": 3}]
+
+
+def _population(model="linear", **extra):
+    cfgs = [config.from_flat({"device": "cpu", "dtype": "float64", "data.n": 50, "model.kind": model, **extra, **f})
+            for f in FLATS]  # already in loss order, as lab.trainer lays runs out
+    datasets = [data.make(c.data.kind, seed=c.seed, dtype=torch.float64, **config.data_params(c.data)) for c in cfgs]
+    pop, P, *_ = population.build(cfgs, datasets, torch.device("cpu"), torch.float64)
+    return cfgs, pop, P
+
+
+@pytest.mark.parametrize("model", ["linear", "constant", "mlp"])
+def test_terms_equal_autograd_through_each_runs_loss_module(model):
+    # Reference: for each run alone, its parameters as leaf tensors, the model's forward, the lab's loss
+    # module (mean reduction) and autograd. terms() gives the mean loss and the gradient times n.
+    cfgs, pop, P = _population(model)
+    m, flat, resids, psis = pop.terms()
+    n = pop.y3.shape[1]
+    for i, c in enumerate(cfgs):
+        theta = P[i:i + 1].clone().requires_grad_(True)
+        pred = pop.model.forward(pop.shapes.named(theta), pop.x[i:i + 1])[0, :, 0]
+        loss = losses.build(c.loss.name, **config.loss_params(c))(pred, pop.y3[i, :, 0])
+        (grad,) = torch.autograd.grad(loss, theta)
+        assert m[i].item() == pytest.approx(loss.item(), rel=1e-12, abs=1e-15), c.loss.name
+        torch.testing.assert_close(flat[i] / n, grad[0], rtol=1e-10, atol=1e-13)
+    assert sum(e.shape[0] for e in resids) == len(cfgs) == sum(p.shape[0] for p in psis)
+
+
+def test_a_row_step_keeps_residuals_and_psi_in_the_row_buffers():
+    # keep=True changes no number of the step, and its per-block residuals and psi are the row
+    # buffers themselves (views), equal to what a step without keep returns.
+    _, pop, _ = _population()
+    m, flat, resids, psis = pop.terms()
+    m_k, flat_k, resids_k, psis_k = pop.terms(keep=True)
+    assert torch.equal(m, m_k) and torch.equal(flat, flat_k)
+    for blk, e, psi, e_k, psi_k in zip(pop.blocks, resids, psis, resids_k, psis_k):
+        assert e_k.data_ptr() == pop.row_e[blk.runs].data_ptr()
+        assert psi_k.data_ptr() == pop.row_psi[blk.runs].data_ptr()
+        assert torch.equal(e, e_k) and torch.equal(psi, psi_k)
+    assert torch.equal(pop.row_e[..., 0], torch.cat([e[..., 0] for e in resids]))
+
+
+def test_original_units_invert_the_target_normalisation():
+    # Closed form: with y_train = (y - mu) / sd, a line w x + b in training units is (sd w) x + (sd b + mu).
+    cfg = config.from_flat({"device": "cpu"})
+    out = population.to_original_units({"slope": 2.0, "intercept": -2.0, "value": 0.5}, cfg, mu=3.0, sd=4.0)
+    assert out == {"slope": 8.0, "intercept": -5.0, "value": 5.0}
