@@ -36,6 +36,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -392,6 +393,9 @@ def markdown(fig: dict) -> str:
         compiled = (f"eager {c['eager_s']:.1f} s, compiled {c['compiled_s']:.1f} s "
                     f"+ {c['compiled_first_s'] - c['compiled_s']:.1f} s compiling")
         rows.append(("torch.compile (200 runs, in process)", compiled))
+    for stage in fig.get("pending", []):  # asked for, but the benchmark stopped before it ended
+        rows.append(({"scale": "10,000 runs, fully logged", "compile": "torch.compile (200 runs, in process)"}[stage],
+                     "not finished"))
     threads = f"{m['threads']} intra-op threads" + (" (training: 1)" if m.get("train_threads") == 1 else "")
     head = f"Measured by `scripts/bench` on {where}, torch {m['torch']}, {threads}, device {fig['device']}."
     lines = [head, "", "| measure | value |", "| --- | --- |"]
@@ -486,9 +490,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             Path(args.markdown).write_text(markdown(fig))
 
+    # A `timeout` or a kill ends the benchmark through SystemExit, so the temporary run directories go too.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         fig = _measure(args, root, save)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(markdown(fig))
@@ -543,6 +550,7 @@ def _measure(args, root: Path, save) -> dict:
         "single_run": single["per_loss"], "single_run_ratio": single["ratio_off"],
         "single_run_ratio_logged": single["ratio_logged"],
         "scale_runs": None, "scale_10k_s": None, "scale_10k_peak_mb": None,
+        "pending": [name for name, asked in (("scale", args.scale_runs), ("compile", args.compile)) if asked],
     }
     if args.device == "cuda":
         fig["peak_gpu_mb"] = lab.get("peak_gpu_mb")
@@ -556,10 +564,12 @@ def _measure(args, root: Path, save) -> dict:
         if args.device == "cuda":
             fig["scale_peak_gpu_mb"] = scale.get("peak_gpu_mb")
         shutil.rmtree(root / "scale", ignore_errors=True)
+        fig["pending"].remove("scale")
         save(fig)
     if args.compile:
         _say("torch.compile: the population step compiled (in process)")
         fig["compile"] = compiled_population(flat, sweep)
+        fig["pending"].remove("compile")
         save(fig)
     return fig
 

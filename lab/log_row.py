@@ -80,7 +80,7 @@ class LargestResiduals:
     others. Later, if the m-th largest candidate is >= T0 + delta (+ the rounding of both evaluations),
     no other point can be among the m largest, so the candidates' top m are exactly the top m. The runs
     where the proof fails (parameters moved far: early training, large steps) get a full topk and a new
-    snapshot. The proof reads one bool from the device per row, so the trainer uses this only on CPUs,
+    snapshot. The proof reads one bool from the device per row, so populations use this only on CPUs,
     where that costs nothing.
     """
 
@@ -89,7 +89,7 @@ class LargestResiduals:
         x_max = x.abs().amax((1, 2))  # [N]
         self.y_max = y3.abs().amax((1, 2))  # [N] training units
         ones = torch.full((len(x_max), k), 1.0 / k, dtype=x.dtype, device=x.device)
-        # c per flat parameter (the trainer's order: weight [k x 1], then bias [k]; or the k values)
+        # c per flat parameter (lab.population's flat order: weight [k x 1], then bias [k]; or the k values)
         self.coef = torch.cat([ones * x_max[:, None], ones], 1) if kind == "linear" else ones  # [N, P]
         self.eps = torch.finfo(x.dtype).eps
         # roundings allowed per evaluation, twice (snapshot and now): x w + b - y, then the mean over k outputs
@@ -311,10 +311,7 @@ def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
     for blk in blocks:
         local = slice(blk.runs.start - runs.start, blk.runs.stop - runs.start)
         if blk.spec.name == "quantile" and pop.k == 1:
-            classes = pop.row_cache.get(id(blk))
-            if classes is None:
-                classes = pop.row_cache[id(blk)] = quantile_classes(blk.params["tau"], resid, len(resid[local]))
-            on_top[local] = _quantile_top(resid[local], -negatives[local], classes, count)
+            on_top[local] = _quantile_top(resid[local], -negatives[local], blk.quantile_classes, count)
         elif not (blk.spec.name in _BY_ABS_RESID and pop.k == 1):  # the largest |psi| may sit elsewhere
             on_top[local] = largest(per_sample[local], count)[0].sum(-1)
     sums = [
@@ -335,9 +332,13 @@ def quantile_classes(tau, like: torch.Tensor, runs: int) -> tuple[torch.Tensor, 
     """The three values |psi| of a quantile block takes, largest first, and where each came from ([B, 3] each).
 
     psi = sign(e)/2 + (1/2 - tau) (lab.fused) is 1 - tau where e > 0, -tau where e < 0 and 1/2 - tau where
-    e = 0, computed here as the step computes them, in the run dtype (`like`). tau: a float or [B, 1, 1].
-    Fixed for a run, so taken once per block (`_quantile_top` counts the classes at each row)."""
-    half_minus_tau = 0.5 - (tau.reshape(-1) if isinstance(tau, torch.Tensor) else like.new_tensor(tau)).to(like.dtype)
+    e = 0, computed here as the step computes them, in the run dtype (`like`): 1/2 - tau rounded once to
+    that dtype. tau: a float or [B, 1, 1]. Fixed for a run, so taken once per block (lab.population.build);
+    `_quantile_top` counts the classes at each row."""
+    if isinstance(tau, torch.Tensor):
+        half_minus_tau = 0.5 - tau.reshape(-1).to(like.dtype)
+    else:  # as lab.fused adds the Python float 0.5 - tau to a tensor of the run dtype
+        half_minus_tau = like.new_tensor(0.5 - tau)
     values = torch.stack(torch.broadcast_tensors(half_minus_tau + 0.5, half_minus_tau - 0.5, half_minus_tau), -1)
     return values.abs().expand(runs, 3).sort(-1, descending=True)
 
@@ -355,13 +356,6 @@ def _quantile_top(resid: torch.Tensor, below: torch.Tensor, classes, count: int)
     before = counts.cumsum(-1) - counts  # points in larger classes
     taken = torch.minimum((count - before).clamp_(min=0), counts)
     return torch.linalg.vecdot(values, taken)
-
-
-def _residuals(pop, blk, e: torch.Tensor) -> torch.Tensor:
-    """Residuals in original units [B, n], averaged over outputs, from training-unit residuals e [B, n, k]:
-    pred - y = sd e (normalised targets: y_train = (y - mu) / sd)."""
-    e = e.mean(-1) if pop.k > 1 else e[..., 0]
-    return e * pop.sd[blk.runs] if pop.any_norm else e
 
 
 def _named_now(P, pop) -> torch.Tensor:
@@ -389,10 +383,13 @@ def _loss_in_original_units(pop):
     return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
 
 
-def population_histograms(pop, step, resids, psis, chain, on_hist, inverse):
-    """Histograms of residuals and per-sample gradient magnitudes (full batch), computed on the device."""
-    resid = _cat([_residuals(pop, blk, e) for blk, e in zip(pop.blocks, resids)])
-    per_sample = _cat([psi.abs().sum(-1) for psi in psis])
+def population_histograms(pop, step, chain, on_hist, inverse):
+    """Histograms of residuals (original units, averaged over outputs) and per-sample gradient magnitudes
+    of the row step's full batch (the population's row buffers), computed on the device."""
+    resid = pop.row_e.mean(-1) if pop.k > 1 else pop.row_e[..., 0]
+    if pop.any_norm:
+        resid = resid * pop.sd  # pred - y = sd e
+    per_sample = pop.row_psi.abs().sum(-1)
     if chain is not None:
         per_sample = per_sample * chain.abs()[:, None]
     values_of = {"grad/per_sample_abs": per_sample, "residual/values": resid}

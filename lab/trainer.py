@@ -18,10 +18,11 @@ product with psi where it is one, log-cosh from one exp and one log). The [runs,
 blocks dominate, so everything else is kept off the per-step path: runs are processed in cache-sized
 blocks (`population.BLOCK_ELEMENTS`); the linear model's forward and vjp are elementwise (x * w + b,
 sum(psi * x)) instead of batched matmuls with 1x1 matrices (1.6 ms -> 0.04 ms for 200 runs); the
-parameters are updated in place (the views stay valid); the oscillation metrics read a ring of parameters and losses written once per step (one
-copy each), derived for all rows of a flush at once (lab.history) instead of being computed every step;
-and the scalar tags are computed only at log steps (lab.log_row: raw_row at the step, tag_rows at each
-flush).
+parameters are updated in place (the views stay valid); the oscillation metrics read a ring of
+parameters and losses written once per step (one copy each), derived for all rows of a flush at once
+(lab.history) instead of being computed every step; and the scalar tags are computed only at log
+steps (lab.log_row: raw_row at the step, from the residuals the step left in the population's row
+buffers, and tag_rows at each flush).
 
 Nothing in the loop forces a host-device sync: metrics are computed on the device into a buffer that
 is copied out every `flush_every` log steps and handed to the `on_log` / `on_hist` callbacks.
@@ -228,7 +229,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                 xb, yb3 = pop.x[rows, idx], pop.y3[rows, idx]
             else:
                 xb, yb3 = None, None  # the full training set
-            m, flat, resids, psis = pop.terms(xb, yb3, keep=xb is None and step in row_steps)
+            m, flat, _, _ = pop.terms(xb, yb3, keep=xb is None and step in row_steps)  # a row reads pop.row_e
             loss, chain = pop.chain(m)
             scale = 1.0 / (batch * pop.k)  # the mean over points and outputs
             grads = flat * scale if chain is None else flat * (chain * scale)[:, None]  # dL/dtheta [N, P]
@@ -244,7 +245,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
             if step in row_steps:
                 lr_now = lr_fixed[:, 0] if constant_lr else lr_tab[step, lr_col]
                 if xb is not None:  # minibatch step: measure on the full training set
-                    m_full, _, resids, psis = pop.terms(keep=True)
+                    m_full, _, _, _ = pop.terms(keep=True)
                     loss, chain = pop.chain(m_full)
                     gap = loss - pop.ref_loss
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
@@ -253,7 +254,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                 pending.append(log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now))
                 pending_steps.append(step)
                 if hist_every and on_hist and step % hist_every == 0:
-                    log_row.population_histograms(pop, step, resids, psis, chain, on_hist, inverse)
+                    log_row.population_histograms(pop, step, chain, on_hist, inverse)
                 if len(pending) >= flush_every or history.must_flush(pending_steps[0], next_row.get(step)):
                     flush()
                     if should_stop and should_stop():
@@ -302,7 +303,8 @@ def _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, ta
         results.append(RunResult(
             status=status, steps=steps if status == "completed" else alive_cpu[i] if diverged else -1,
             params=params,
-            reference=None if r is None else {"loss": r.loss, "params": population.to_original_units(r.params, c, mu_h[i], sd_h[i]),
+            reference=None if r is None else {"loss": r.loss,
+                                              "params": population.to_original_units(r.params, c, mu_h[i], sd_h[i]),
                                               "method": r.method, "exact": r.exact, "units": "training"},
             final={tag: float(last[t][i]) for t, tag in enumerate(tags)},
             steps_to_converge=None if r is None or diverged else metrics.steps_to_converge(

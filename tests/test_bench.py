@@ -46,3 +46,34 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert bench.main(["--seeds", "0"]) == 2
+
+
+def test_a_benchmark_killed_in_its_scale_point_keeps_what_it_measured(tmp_path, monkeypatch):
+    # SIGTERM (as `timeout` sends) arrives while the scale point runs: the figures measured before it are
+    # on disk, the table says the scale point did not finish, the temporary run directories are gone,
+    # and the process's own SIGTERM handler is back.
+    import os
+    import signal
+    import tempfile
+
+    real = bench.run_study
+
+    def run_study(flat, sweep, runs_dir, threads):
+        if runs_dir.name == "scale":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(flat, sweep, runs_dir, threads)
+
+    monkeypatch.setattr(bench, "run_study", run_study)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    before = signal.getsignal(signal.SIGTERM)
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--seeds", "1", "--steps", "20", "--scale-runs", "40", "--repeats", "1", "--out", str(out),
+                    "--markdown", str(md)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    fig = json.loads(out.read_text())
+    assert fig["pending"] == ["scale"] and fig["scale_10k_s"] is None and fig["speedup"] > 0
+    assert "| 10,000 runs, fully logged | not finished |" in md.read_text()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,10 +1,11 @@
 """lab.population: the step's loss and gradient of every run of a mixed population against autograd through
 the lab's loss modules, and the row buffers a row step fills."""
 
+import numpy as np
 import pytest
 import torch
 
-from lab import config, data, losses, population
+from lab import config, data, losses, population, trainer
 
 # One population, five losses (two runs with different deltas in one block: a per-run parameter tensor).
 FLATS = [{"loss.name": "huber", "loss.delta": 0.3, "data.kind": "outliers"},
@@ -40,10 +41,11 @@ def test_terms_equal_autograd_through_each_runs_loss_module(model):
     assert sum(e.shape[0] for e in resids) == len(cfgs) == sum(p.shape[0] for p in psis)
 
 
-def test_a_row_step_keeps_residuals_and_psi_in_the_row_buffers():
+@pytest.mark.parametrize("model", ["linear", "constant", "mlp"])
+def test_a_row_step_keeps_residuals_and_psi_in_the_row_buffers(model):
     # keep=True changes no number of the step, and its per-block residuals and psi are the row
     # buffers themselves (views), equal to what a step without keep returns.
-    _, pop, _ = _population()
+    _, pop, _ = _population(model)
     m, flat, resids, psis = pop.terms()
     m_k, flat_k, resids_k, psis_k = pop.terms(keep=True)
     assert torch.equal(m, m_k) and torch.equal(flat, flat_k)
@@ -59,3 +61,34 @@ def test_original_units_invert_the_target_normalisation():
     cfg = config.from_flat({"device": "cpu"})
     out = population.to_original_units({"slope": 2.0, "intercept": -2.0, "value": 0.5}, cfg, mu=3.0, sd=4.0)
     assert out == {"slope": 8.0, "intercept": -5.0, "value": 5.0}
+
+
+def test_a_minibatch_step_cannot_fill_the_row_buffers():
+    _, pop, _ = _population()
+    with pytest.raises(ValueError, match="full batch"):
+        pop.terms(pop.x[:, :10], pop.y3[:, :10], keep=True)
+
+
+def test_a_compiled_step_fills_the_row_buffers_too(monkeypatch):
+    # A compiled block step returns its own tensors, which a row step copies into the buffers. Stand-in
+    # for torch.compile (minutes and a C++ compiler): the eager block step behind a function that
+    # returns fresh tensors, as a compiled one does. Reference: the eager training, every logged number.
+    def fresh(spec, kind):
+        def terms(terms_, kind_, named, x, target, params, e_out=None):
+            return tuple(t.clone() if t is not None else None
+                         for t in population._block_terms(terms_, kind_, named, x, target, params))
+        return terms
+
+    cfgs = [config.from_flat({"device": "cpu", "dtype": "float64", "data.n": 60, "train.steps": 40,
+                              "train.log_every": 5, "train.hist_every": 20, **f}) for f in FLATS]
+    datasets = [data.make(c.data.kind, seed=c.seed, dtype=torch.float64, **config.data_params(c.data)) for c in cfgs]
+    logged = {}
+    for compile in (False, True):
+        monkeypatch.setattr(population, "_compiled", fresh)
+        blocks, hists = [], []
+        trainer.train(cfgs, datasets, on_log=blocks.append, on_hist=lambda *h, out=hists: out.append(h),
+                      compile=compile)
+        logged[compile] = (np.concatenate([b.values for b in blocks]), hists)
+    assert np.array_equal(logged[True][0], logged[False][0], equal_nan=True)
+    for (_, _, c1, lo1, hi1), (_, _, c2, lo2, hi2) in zip(logged[False][1], logged[True][1]):
+        assert np.array_equal(c1, c2) and np.array_equal(lo1, lo2) and np.array_equal(hi1, hi2)

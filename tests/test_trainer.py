@@ -325,7 +325,12 @@ def test_population_on_cuda_equals_the_same_population_on_cpu(model, batch_size)
         assert a.status == b.status == "completed"
         for key in a.params:
             assert np.allclose(b.params[key], a.params[key], rtol=1e-9, atol=1e-12), key
-        assert a.steps_to_converge == b.steps_to_converge
+        # a gap within rounding of the tolerance at the step it crosses may cross one step apart
+        # (minibatch runs: one log step apart, where convergence is judged)
+        if a.steps_to_converge is None or b.steps_to_converge is None:
+            assert a.steps_to_converge == b.steps_to_converge
+        else:
+            assert abs(a.steps_to_converge - b.steps_to_converge) <= (10 if batch_size else 1)
     assert np.allclose(v_gpu, v_cpu, rtol=1e-7, atol=1e-10, equal_nan=True)
     assert len(hists["cpu"]) == len(hists["cuda"]) > 0
     for (s1, t1, c1, lo1, hi1), (s2, t2, c2, lo2, hi2) in zip(hists["cpu"], hists["cuda"]):
