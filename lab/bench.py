@@ -7,8 +7,8 @@ every 10 steps, histograms every 200. Measured:
 - lab: the whole study through `lab.study.execute` in a fresh Python process (interpreter start,
   imports, datasets, exact references, training, event files, run directories, summaries): the
   process's wall time, start-up included, and its peak resident memory.
-- baseline, in this process: the usual loop per run on the same data from the same initial
-  parameters: `nn.Linear`, the lab's loss module, `torch.optim.SGD`, autograd, `loss.item()` every
+- baseline, in this process: the usual loop per run (lab.usual_loop.run) on the same data from the
+  same initial parameters: `nn.Linear`, the lab's loss module, `torch.optim.SGD`, autograd, `loss.item()` every
   step for the convergence and oscillation windows, every tag computed per run with `.item()` and
   written with `torch.utils.tensorboard.SummaryWriter.add_scalar` at the same steps, histograms with
   `add_histogram`. It runs on a subset of the runs (at least 10, every loss and dataset) and its time
@@ -18,7 +18,7 @@ every 10 steps, histograms every 200. Measured:
   and with every tag logged every step; overheads are relative to logging off, on the study's
   in-process time (imports and interpreter start excluded, so they are not diluted).
 - single run: one run as a population of one (lab.trainer.train) against the hand-written minimal
-  loop (nn.Linear, loss, backward, SGD step; no logging), per loss.
+  loop (lab.usual_loop.minimal: nn.Linear, loss, backward, SGD step; no logging), per loss.
 - scale: 10,000 runs of the same kind (500 seeds), fully logged, each with its own run directory.
 
 `python -m lab.bench --out bench.json --markdown bench.md` writes the figures as JSON and as a
@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 LOSSES = ("mse", "mae", "huber", "log_cosh", "quantile")
@@ -131,90 +130,6 @@ def run_study(flat: dict, sweep: dict, runs_dir: Path, threads: int | None) -> d
 # The baseline: the usual loop, one run at a time.
 
 
-def baseline_run(cfg, ds, logdir: Path) -> dict:
-    """One run written the usual way; returns its final parameters and wall time (reference solve included)."""
-    import torch
-    from torch.utils.tensorboard import SummaryWriter
-
-    from lab import config, losses, metrics, models, reference, trainer
-
-    t0 = time.perf_counter()
-    device = trainer.resolve_device(cfg.device)
-    x, y = ds.x.to(device), ds.y.to(device)  # [n, 1], [n]
-    x_val, signal_val = ds.x_val.to(device), ds.truth.signal(ds.x_val).reshape(-1).to(device)
-    outlier = ds.outlier.to(device)
-    ref = reference.solve(cfg.loss.name, config.loss_params(cfg), "linear", ds.x, ds.y)
-    dtype = x.dtype
-    true = torch.tensor([ds.truth.slope, ds.truth.intercept], dtype=dtype, device=device)
-    ref_theta = torch.tensor([ref.params["slope"], ref.params["intercept"]], dtype=dtype, device=device)
-    init = models.make("linear").init(trainer.init_seed(cfg.seed), dtype=dtype)
-    model = torch.nn.Linear(1, 1, device=device, dtype=dtype)
-    with torch.no_grad():
-        model.weight.copy_(init["weight"])
-        model.bias.copy_(init["bias"])
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
-    loss_fn = losses.build(cfg.loss.name, **config.loss_params(cfg))
-    writer = SummaryWriter(str(logdir))
-    scalars = {}
-    steps, log_every, hist_every, window = cfg.train.steps, cfg.train.log_every, cfg.train.hist_every, cfg.train.window
-    tol = cfg.train.converge_tol * abs(ref.loss) + 1e-12
-    recent_loss, recent_params, recent_flips = deque(maxlen=window), deque(maxlen=window), deque(maxlen=window)
-    prev_update, last_above = None, -1
-    for step in range(steps + 1):
-        pred = model(x)[:, 0]
-        pred.retain_grad()  # dL/dpred_i: the per-sample gradient magnitudes
-        loss = loss_fn(pred, y)
-        opt.zero_grad()
-        loss.backward()
-        value = loss.item()  # the usual per-step sync, for the convergence and loss windows
-        if not value - ref.loss <= tol:
-            last_above = step
-        theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
-        recent_loss.append(value)
-        recent_params.append(theta.clone())
-        if step % log_every == 0 or step == steps:
-            with torch.no_grad():
-                resid = (pred - y).detach()
-                grad = torch.cat([model.weight.grad.reshape(-1), model.bias.grad])
-                per_sample = pred.grad.abs()
-                val_err = model(x_val)[:, 0] - signal_val
-                window_params = torch.stack(list(recent_params))
-                scalars = {
-                    "loss/train": value, "loss/val_mse": (val_err**2).mean().item(),
-                    "loss/val_mae": val_err.abs().mean().item(), "lr": opt.param_groups[0]["lr"],
-                    "convergence/gap": value - ref.loss,
-                    "convergence/param_error": (theta - true).norm().item(),
-                    "convergence/ref_param_error": (theta - ref_theta).norm().item(),
-                    "oscillation/flip_rate": sum(recent_flips) / max(len(recent_flips), 1),
-                    "oscillation/loss_amplitude": (max(recent_loss) - min(recent_loss))
-                    / max(abs(sum(recent_loss) / len(recent_loss)), 1e-12),
-                    "oscillation/param_amplitude": (window_params.amax(0) - window_params.amin(0)).max().item(),
-                    "grad/norm": grad.norm().item(), "grad/max_abs": grad.abs().max().item(),
-                    "grad/outlier_share": (per_sample[outlier].sum() / per_sample.sum().clamp_min(1e-30)).item(),
-                    "grad/top1_share": metrics.top_share(per_sample[None])[0].item(),
-                    "residual/p99_abs": torch.quantile(resid.abs(), 0.99).item(),
-                    "residual/kurtosis": metrics.excess_kurtosis(resid[None])[0].item(),
-                    "quantile/coverage": (y <= pred).to(dtype).mean().item(),
-                    "param/slope": theta[0].item(), "param/intercept": theta[1].item(),
-                }
-                for tag, v in scalars.items():
-                    writer.add_scalar(tag, v, step)
-                if hist_every and step % hist_every == 0:
-                    writer.add_histogram("residual/values", resid, step)
-                    writer.add_histogram("grad/per_sample_abs", per_sample, step)
-        if step == steps:
-            break
-        before = theta.clone()
-        opt.step()
-        update = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]) - before
-        recent_flips.append(0.0 if prev_update is None else ((update * prev_update) < 0).float().mean().item())
-        prev_update = update
-    writer.close()
-    final = {"slope": model.weight.item(), "intercept": model.bias.item()}
-    converged = metrics.steps_to_converge(last_above, scalars["convergence/gap"], tol)
-    return {"params": final, "wall_s": time.perf_counter() - t0, "steps_to_converge": converged, "final": scalars}
-
-
 def baseline_subset(runs: list, count: int) -> list:
     """`count` runs spread over every loss and dataset (loss i mod 5, dataset i mod 4, seeds in turn)."""
     by_key = {(r.config.loss.name, r.config.data.kind, r.config.seed): r for r in runs}
@@ -224,16 +139,18 @@ def baseline_subset(runs: list, count: int) -> list:
 
 
 def run_baseline(runs: list, count: int, out_dir: Path) -> dict:
-    from lab import config, data
+    """The usual loop (lab.usual_loop.run) on `count` of the runs, after one untimed warm-up run."""
+    from lab import config, data, usual_loop
 
     subset = baseline_subset(runs, count)
     warm = subset[0].config  # one untimed run first: SummaryWriter's imports and first calls are not charged
-    baseline_run(warm, data.make(warm.data.kind, seed=warm.seed, **config.data_params(warm.data)), out_dir / "warm-up")
+    usual_loop.run(warm, data.make(warm.data.kind, seed=warm.seed, **config.data_params(warm.data)),
+                   out_dir / "warm-up")
     results = []
     for r in subset:
         t0 = time.perf_counter()
         ds = data.make(r.config.data.kind, seed=r.config.seed, **config.data_params(r.config.data))
-        res = baseline_run(r.config, ds, out_dir / r.name)
+        res = usual_loop.run(r.config, ds, out_dir / r.name)
         res["wall_s"] += time.perf_counter() - t0 - res["wall_s"]  # the dataset's draw counts too
         res["name"] = r.name
         results.append(res)
@@ -273,33 +190,9 @@ def compare_params(baseline: dict, runs: list, runs_dir: Path) -> dict:
 # A single run: population of one against the minimal hand-written loop.
 
 
-def minimal_loop(cfg, ds) -> float:
-    """The hand-written minimal loop (no logging); returns seconds."""
-    import torch
-
-    from lab import config, losses, models, trainer
-
-    t0 = time.perf_counter()
-    device = trainer.resolve_device(cfg.device)
-    x, y = ds.x.to(device), ds.y.to(device)
-    init = models.make("linear").init(trainer.init_seed(cfg.seed), dtype=torch.float32)
-    model = torch.nn.Linear(1, 1, device=device)
-    with torch.no_grad():
-        model.weight.copy_(init["weight"])
-        model.bias.copy_(init["bias"])
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
-    loss_fn = losses.build(cfg.loss.name, **config.loss_params(cfg))
-    for _ in range(cfg.train.steps):
-        opt.zero_grad()
-        loss_fn(model(x)[:, 0], y).backward()
-        opt.step()
-    model.weight.item()  # wait for the device
-    return time.perf_counter() - t0
-
-
 def single_runs(flat: dict, repeats: int = 3) -> dict:
     """Per loss: best of `repeats` for the minimal loop and for the lab (logging off and default)."""
-    from lab import config, data, trainer
+    from lab import config, data, trainer, usual_loop
 
     out = {}
     for loss in LOSSES:
@@ -309,7 +202,7 @@ def single_runs(flat: dict, repeats: int = 3) -> dict:
         trainer.train([cfg], [ds])  # warm-up: lazy imports, first-call allocations
         times = {"minimal": [], "lab_off": [], "lab_logged": []}
         for _ in range(repeats):
-            times["minimal"].append(minimal_loop(cfg, ds))
+            times["minimal"].append(usual_loop.minimal(cfg, ds)[0])
             times["lab_off"].append(_timed(lambda c=off, d=ds: trainer.train([c], [d])))
             times["lab_logged"].append(_timed(lambda c=cfg, d=ds: trainer.train([c], [d], on_log=lambda b: None)))
         out[loss] = {k: min(v) for k, v in times.items()}

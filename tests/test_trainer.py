@@ -179,16 +179,16 @@ def test_every_tag_is_logged_and_finite_on_clean_data():
 @pytest.mark.parametrize("loss,kind", [("mse", "outliers"), ("mae", "heavy_tailed"), ("huber", "outliers"),
                                        ("log_cosh", "skewed"), ("quantile", "clean")])
 def test_every_tag_equals_the_usual_per_run_computation(loss, kind, tmp_path):
-    # Reference: lab.bench.baseline_run, the ordinary loop (nn.Linear, the loss module, torch.optim.SGD,
+    # Reference: lab.usual_loop.run, the ordinary loop (nn.Linear, the loss module, torch.optim.SGD,
     # autograd, loss.item() windows in deques, torch.quantile, (y <= pred).mean()) on the same float64
     # data from the same start. Every logged tag of the last row must agree to float64 rounding.
-    from lab import bench
+    from lab import usual_loop
 
     c = cfg(**{"loss.name": loss, "data.kind": kind, "data.n": 150, "train.steps": 120, "train.log_every": 10,
                "train.window": 20, "optim.lr": 0.05, "train.hist_every": 0})
     ds = data.make(c.data.kind, seed=c.seed, dtype=torch.float64, **config.data_params(c.data))
     (res,) = trainer.train([c], [ds])
-    usual = bench.baseline_run(c, ds, tmp_path)
+    usual = usual_loop.run(c, ds, tmp_path)
     assert set(usual["final"]) == set(res.final)
     for tag, value in usual["final"].items():
         assert res.final[tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
