@@ -14,15 +14,15 @@ import time
 from collections import deque
 from pathlib import Path
 
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from lab import config, losses, metrics, models, reference, trainer
+
 
 def run(cfg, ds, logdir: Path) -> dict:
     """One run written the usual way, logging every tag at the lab's steps with SummaryWriter; returns its
     final parameters, tags and steps to converge, and its wall time (reference solve included)."""
-    import torch
-    from torch.utils.tensorboard import SummaryWriter
-
-    from lab import config, losses, metrics, models, reference, trainer
-
     t0 = time.perf_counter()
     device = trainer.resolve_device(cfg.device)
     x, y = ds.x.to(device), ds.y.to(device)  # [n, 1], [n]
@@ -103,10 +103,6 @@ def run(cfg, ds, logdir: Path) -> dict:
 def minimal(cfg, ds) -> tuple[float, dict]:
     """The hand-written minimal loop (nn.Linear, loss, backward, SGD step; no logging) in float32; returns its
     seconds and its final parameters."""
-    import torch
-
-    from lab import config, losses, models, trainer
-
     t0 = time.perf_counter()
     device = trainer.resolve_device(cfg.device)
     x, y = ds.x.to(device), ds.y.to(device)
