@@ -2,9 +2,10 @@
 
 The per-run definitions live in lab.metrics; this module evaluates them for a whole population at once,
 in cache-sized chunks of whole blocks (a block: runs that share a loss), from the residuals
-e = pred - target and psi the training step has just computed. A row has two parts: `raw_row`, at its
-step, does what reads the [runs, n] tensors; `tag_rows` derives the remaining tags (shares, kurtosis,
-parameter errors) for all the rows of a flush at once, with the oscillation tags from lab.history.
+e = pred - target and psi the training step has just computed. A row has three parts: `row_sums` reads
+the [runs, n] tensors (in the training loop, or on a second core: lab.row_worker); `raw_row` takes the
+step's small tensors at its step; `tag_rows` derives the remaining tags (shares, kurtosis, parameter
+errors) for all the rows of a flush at once, with the oscillation tags from lab.history.
 
 With `log_every = 1` a row is computed as often as the step itself, so it is kept to few passes over
 the [runs, n] data:
@@ -182,12 +183,11 @@ class ResidualMoments:
 
 @dataclass
 class RawRow:
-    """The device-side part of a log row: what reads the step's [N, n] tensors,
-    reduced to [*, N], and a copy of the parameters; the remaining tags are derived at flush time."""
+    """A log row as taken at its step: the sums that read the step's [N, n] tensors (`row_sums`), the
+    step's small tensors and a copy of the parameters; the remaining tags are derived at flush time."""
 
-    dist: torch.Tensor  # [5 or 7, N] from _distribution
-    val: torch.Tensor  # [2, N]: sum of squared and of absolute validation errors
-    loss: torch.Tensor  # [N] training loss in original units
+    sums: torch.Tensor | None  # [row_sums_size, N]; None until computed (lab.row_worker.Rows)
+    loss: torch.Tensor  # [N] training loss (training units)
     gap: torch.Tensor  # [N]
     lr: torch.Tensor  # [N]
     P: torch.Tensor | None  # [N, P] parameters (a copy), line models only (the MLP logs none of them)
@@ -195,27 +195,42 @@ class RawRow:
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
 
 
-def raw_row(pop, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
-    """The part of a log row that must be taken at its step (on the device, no host sync).
+def row_sums_size(pop) -> int:
+    """Rows of `row_sums(pop, ...)`: the distribution's 5 (7 without ResidualMoments), 2 validation sums,
+    and the loss in original units where a run normalises its targets."""
+    return (5 if pop.moments is not None else 7) + 2 + int(pop.any_norm)
 
-    pop: the lab.population.Population (its blocks of runs, data and parameter views, and in `row_e`,
-    `row_psi` the step's full-batch residuals e = pred - target and psi [N, n, k], in training units);
-    loss, gap, lr [N] as logged; grads [N, P] (gnorm: their pre-clip norm when clipped).
-    Everything else is derived for many rows at once by `tag_rows`: a row is then a few dozen tensor
-    ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
+
+def row_sums(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """The part of a log row that reads the step's [N, n] tensors, reduced to [row_sums_size(pop), N].
+
+    e, psi [N, n, k]: a row step's full-batch residuals e = pred - target and psi, in training units
+    (the population's row buffers, `Population.terms(keep=True)`); P [N, P] the parameters at that step.
+    It reads nothing else that changes during training, so it may run anywhere the population's data is:
+    in the training loop, or in lab.row_worker's process on another core, on buffers the step wrote.
     """
-    dist = _cat([_distribution(pop, runs, blocks, e, psi, P)
-                 for runs, blocks, e, psi in _row_chunks(pop)], dim=1)
-    val_pred = pop.forward(pop.named, pop.x_val)
+    dist = _cat([_distribution(pop, runs, blocks, e[runs], psi[runs], P) for runs, blocks in _row_chunks(pop)], dim=1)
+    val_pred = pop.forward(pop.shapes.named(P), pop.x_val)
     val_pred = val_pred.mean(-1) if pop.k > 1 else val_pred[..., 0]  # [N, n_val]
     if pop.any_norm:
         val_pred = val_pred * pop.sd + pop.mu
     val_err = val_pred - pop.signal_val
-    val = torch.stack([torch.linalg.vecdot(val_err, val_err), val_err.abs().sum(-1)])
+    parts = [dist, torch.linalg.vecdot(val_err, val_err)[None], val_err.abs().sum(-1)[None]]
+    if pop.any_norm:
+        parts.append(_loss_in_original_units(pop, e)[None])
+    return torch.cat(parts)
+
+
+def raw_row(pop, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
+    """A log row at its step, without its sums (lab.row_worker.Rows adds them): on the device, no host sync.
+
+    loss, gap, lr [N] as logged; grads [N, P] (gnorm: their pre-clip norm when clipped); P [N, P] the live
+    parameters (copied here). Everything else is derived for many rows at once by `tag_rows`: a row is then
+    a few dozen tensor ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
+    """
     grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
-    return RawRow(dist=dist, val=val, loss=_loss_in_original_units(pop) if pop.any_norm else loss,
-                  gap=gap, lr=lr, P=P.clone() if pop.model.kind in ("linear", "constant") else None, grad=grad,
-                  has_grad=None if chain is None else (chain != 0).to(P.dtype))
+    return RawRow(sums=None, loss=loss, gap=gap, lr=lr, P=P.clone() if pop.model.kind in ("linear", "constant") else None,
+                  grad=grad, has_grad=None if chain is None else (chain != 0).to(P.dtype))
 
 
 def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
@@ -224,8 +239,9 @@ def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
     [3, S, N]: the rows' flip rate, loss amplitude and parameter amplitude (lab.history)."""
     S, N = len(raws), raws[0].loss.shape[0]
     n, n_val = pop.y3.shape[1], pop.x_val.shape[1]
-    dist = torch.stack([r.dist for r in raws], 1)  # [D, S, N]
-    on_outliers, on_top, total, p99, ahead, *central = dist.unbind(0)
+    sums = torch.stack([r.sums for r in raws], 1)  # [row_sums_size, S, N]
+    D = 5 if pop.moments is not None else 7
+    on_outliers, on_top, total, p99, ahead, *central = sums[:D].unbind(0)
     total = total.clamp_min(torch.finfo(total.dtype).tiny)
     outlier_share, top = on_outliers / total, on_top / total
     if raws[0].has_grad is not None:  # shares of no gradient at all are 0
@@ -238,12 +254,12 @@ def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
         kurtosis = pop.moments.kurtosis(slope, n)
     else:
         kurtosis = kurtosis_from_sums(*central, n)
-    named_now = _named_now(P, pop) if P is not None else dist.new_zeros(S, N, 0)  # [S, N, K]
-    val = torch.stack([r.val for r in raws], 1) / n_val  # [2, S, N]
+    named_now = _named_now(P, pop) if P is not None else sums.new_zeros(S, N, 0)  # [S, N, K]
+    val = sums[D:D + 2] / n_val  # [2, S, N]
     grad = torch.stack([r.grad for r in raws], 1)  # [2, S, N]
     flip, loss_amplitude, amplitude = history  # [S, N] each
     tags = [
-        torch.stack([r.loss for r in raws]),
+        sums[D + 2] if pop.any_norm else torch.stack([r.loss for r in raws]),  # the loss in original units
         val[0],
         val[1],
         torch.stack([r.lr for r in raws]),
@@ -266,10 +282,10 @@ def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
 
 
 def _row_chunks(pop):
-    """Consecutive whole blocks joined into chunks of at most _ROW_ELEMENTS values: (runs slice, blocks,
-    e, psi [R, n, k]). Few chunks keep the row's op count low; bounded ones keep its tensors in cache.
-    A chunk is a view of the population's row buffers, which the row step wrote block by block
-    (`Population.terms(keep=True)`): no concatenation per row."""
+    """Consecutive whole blocks joined into chunks of at most _ROW_ELEMENTS values: (runs slice, blocks).
+    Few chunks keep the row's op count low; bounded ones keep its tensors in cache. A chunk's e and psi
+    are views of the row buffers, which the row step wrote block by block (`Population.terms(keep=True)`):
+    no concatenation per row."""
     chunk, size = [], 0
     for blk in pop.blocks:
         numel = blk.y3.numel() * pop.k
@@ -283,8 +299,7 @@ def _row_chunks(pop):
 
 
 def _chunk(pop, blocks):
-    runs = slice(blocks[0].runs.start, blocks[-1].runs.stop)
-    return runs, blocks, pop.row_e[runs], pop.row_psi[runs]
+    return slice(blocks[0].runs.start, blocks[-1].runs.stop), blocks
 
 
 def _distribution(pop, runs: slice, blocks, e, psi, P) -> torch.Tensor:
@@ -372,11 +387,11 @@ def _named_now(P, pop) -> torch.Tensor:
     return value * pop.sd + pop.mu if pop.any_norm else value
 
 
-def _loss_in_original_units(pop):
+def _loss_in_original_units(pop, e_all: torch.Tensor):
     """The configured loss of the original-unit residuals sd e (equals the training loss without normalisation)."""
     vals = []
     for blk in pop.blocks:
-        e = pop.row_e[blk.runs]
+        e = e_all[blk.runs]
         _, value_sum = blk.terms(e * pop.sd[blk.runs, :, None], **blk.params)
         vals.append(value_sum / (e.shape[1] * e.shape[2]))
     m = _cat(vals)
@@ -385,7 +400,8 @@ def _loss_in_original_units(pop):
 
 def population_histograms(pop, step, chain, on_hist, inverse):
     """Histograms of residuals (original units, averaged over outputs) and per-sample gradient magnitudes
-    of the row step's full batch (the population's row buffers), computed on the device."""
+    of the row step's full batch (the population's row buffers, so before lab.row_worker.Rows.submit moves
+    them to the next slot), computed on the device."""
     resid = pop.row_e.mean(-1) if pop.k > 1 else pop.row_e[..., 0]
     if pop.any_norm:
         resid = resid * pop.sd  # pred - y = sd e

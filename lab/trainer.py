@@ -21,8 +21,8 @@ sum(psi * x)) instead of batched matmuls with 1x1 matrices (1.6 ms -> 0.04 ms fo
 parameters are updated in place (the views stay valid); the oscillation metrics read a ring of
 parameters and losses written once per step (one copy each), derived for all rows of a flush at once
 (lab.history) instead of being computed every step; and the scalar tags are computed only at log
-steps (lab.log_row: raw_row at the step, from the residuals the step left in the population's row
-buffers, and tag_rows at each flush).
+steps (lab.log_row: the sums over the points from the residuals the step left in the population's row
+buffers, on a second core where there is one (lab.row_worker), and tag_rows at each flush).
 
 Nothing in the loop forces a host-device sync: metrics are computed on the device into a buffer that
 is copied out every `flush_every` log steps and handed to the `on_log` / `on_hist` callbacks.
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lab import log_row, metrics, models, population
+from lab import log_row, metrics, models, population, row_worker
 from lab.config import Config, n_outputs
 from lab.data import Dataset
 from lab.history import History
@@ -112,7 +112,7 @@ def resolve_device(name: str) -> torch.device:
 def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBlock], None] | None = None,
           on_hist: Callable[[int, str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
           flush_every: int = 50, should_stop: Callable[[], bool] | None = None,
-          compile: bool = False) -> list[RunResult]:
+          compile: bool = False, row_worker_process: bool | None = None) -> list[RunResult]:
     """Train one population (all configs must share `population_key`); returns one result per run.
 
     on_log(block) receives scalars every `flush_every` log steps and at the end; on_hist(step, tag,
@@ -121,6 +121,9 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
     Results and callback arrays are in the caller's run order. compile: run each block's loss and
     gradient through torch.compile (linear and constant models; see `population._compiled`): off by default,
     because compiling costs more than it saves on a study of a few hundred runs (lab/bench.py).
+    row_worker_process: compute the log rows' sums in a process forked onto a second core (lab.row_worker);
+    None: where that pays (`row_worker.worker_pays`: a CPU with a second core, Linux, a population of
+    at least 2^15 values). The numbers are the same either way.
 
     On a CPU the population trains with one intra-op thread (restored afterwards): its ops are a few
     tens of microseconds each, so a second thread gains ~20% on two idle cores, while one competing
@@ -135,13 +138,13 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
     if one_thread:
         torch.set_num_threads(1)
     try:
-        return _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile)
+        return _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, row_worker_process)
     finally:
         if one_thread:
             torch.set_num_threads(threads)
 
 
-def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -> list[RunResult]:
+def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, worker) -> list[RunResult]:
     t_start = time.perf_counter()
     cfg0 = cfgs[0]
     # Lay runs out contiguously by loss, so each loss group is a slice (no scatter/gather per step).
@@ -209,9 +212,13 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
     tags = metrics.SCALAR_TAGS + tuple(f"param/{p}" for p in named_keys)
     interrupted = False
 
+    if worker is None:
+        worker = row_worker.worker_pays(device, pop.y3.shape[0] * n * pop.k, len(row_steps))
+    row_sums = row_worker.Rows(pop, P, flush_every, worker=worker)
+
     def flush():
         if pending:
-            rows = log_row.tag_rows(pop, pending, history.tags(pending_steps))  # [S, T, N], all rows at once
+            rows = log_row.tag_rows(pop, row_sums.collect(), history.tags(pending_steps))  # [S, T, N], all rows at once
             block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush
             last_row["values"], last_row["step"] = block[-1], pending_steps[-1]
             if on_log and log_every:
@@ -251,10 +258,12 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
                     # the full training set at log steps only (resolution: log_every steps).
                     last_above = torch.where(gap <= tol, last_above, step)
-                pending.append(log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now))
-                pending_steps.append(step)
-                if hist_every and on_hist and step % hist_every == 0:
+                if hist_every and on_hist and step % hist_every == 0:  # (before submit moves the row buffers)
                     log_row.population_histograms(pop, step, chain, on_hist, inverse)
+                raw = log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now)
+                row_sums.submit(raw, P)  # its sums: now, or on the row worker
+                pending.append(raw)
+                pending_steps.append(step)
                 if len(pending) >= flush_every or history.must_flush(pending_steps[0], next_row.get(step)):
                     flush()
                     if should_stop and should_stop():
@@ -278,7 +287,13 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile) -
             P.copy_(torch.where(active[:, None], new_P, P))  # in place: pop.named stays a view of P
     except KeyboardInterrupt:
         interrupted = True
-    flush()
+    except BaseException:
+        row_sums.close()  # the worker process ends with the training that failed
+        raise
+    try:
+        flush()
+    finally:
+        row_sums.close()
     return _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, tags, last_row, interrupted,
                     steps, time.perf_counter() - t_start, inverse)
 

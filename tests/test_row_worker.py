@@ -1,0 +1,196 @@
+"""Log rows on a forked worker process (lab.row_worker): the same rows as in the training loop, and none
+lost when the worker dies, hangs or the training stops.
+
+The expected values are the rows the same population logs with `row_worker_process=False`, where the
+loop computes each row itself: the worker runs the same code on the same data, so they must be equal
+to the bit, histograms and results included.
+"""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lab import config, data, log_row, population, row_worker, trainer
+
+needs_fork = pytest.mark.skipif(not (sys.platform == "linux" and hasattr(os, "fork")), reason="a worker needs fork (Linux)")
+
+
+def _cfgs(model="linear", **extra):
+    """A mixed population: 5 losses (quantile at two taus), clean and outlier data, per-run rates."""
+    base = {"device": "cpu", "dtype": "float32", "train.figures": False, "data.n": 300, "train.steps": 120,
+            "train.log_every": 3, "train.hist_every": 30, "model.kind": model, **extra}
+    runs = []
+    for i, (loss, kw) in enumerate([("mse", {}), ("mae", {}), ("huber", {"loss.delta": 0.7}), ("log_cosh", {}),
+                                    ("quantile", {"loss.tau": 0.2}), ("quantile", {"loss.tau": 0.9}),
+                                    ("rmse", {}), ("mse", {"train.normalize_targets": True})]):
+        runs.append(config.from_flat({**base, **kw, "loss.name": loss, "seed": i,
+                                      "data.kind": ("clean", "outliers")[i % 2], "optim.lr": 0.02 + 0.01 * i}))
+    return runs
+
+
+def _train(cfgs, worker: bool, **kw):
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    blocks, hists = [], []
+    res = trainer.train(cfgs, datasets, on_log=blocks.append, on_hist=lambda *a: hists.append(a), flush_every=7,
+                        row_worker_process=worker, **kw)
+    return res, blocks, hists
+
+
+def _assert_same(a, b):
+    (res_a, blocks_a, hists_a), (res_b, blocks_b, hists_b) = a, b
+    assert len(blocks_a) == len(blocks_b) > 1
+    for x, y in zip(blocks_a, blocks_b):
+        assert np.array_equal(x.steps, y.steps)
+        assert np.array_equal(x.values, y.values, equal_nan=True)
+    assert len(hists_a) == len(hists_b) > 0
+    for x, y in zip(hists_a, hists_b):
+        assert x[:2] == y[:2] and all(np.array_equal(p, q) for p, q in zip(x[2:], y[2:]))
+    for x, y in zip(res_a, res_b):
+        assert x.final.keys() == y.final.keys()
+        assert np.array_equal(list(x.final.values()), list(y.final.values()), equal_nan=True)
+    assert [r.params for r in res_a] == [r.params for r in res_b]
+
+
+def _spy_pids(monkeypatch):
+    """The pid of every worker started, in order."""
+    pids, init = [], row_worker.Rows.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        pids.append(self.pid)
+
+    monkeypatch.setattr(row_worker.Rows, "__init__", spy)
+    return pids
+
+
+def _reaped(pid) -> bool:
+    with pytest.raises(ChildProcessError):  # not our child any more: waited for
+        os.waitpid(pid, os.WNOHANG)
+    return True
+
+
+@needs_fork
+@pytest.mark.parametrize("model,extra", [("linear", {}), ("constant", {}), ("linear", {"train.batch_size": 50}),
+                                         ("mlp", {"model.hidden": [4]})])
+def test_rows_from_the_worker_equal_rows_from_the_loop(monkeypatch, model, extra):
+    pids = _spy_pids(monkeypatch)
+    cfgs = _cfgs(model, **extra)
+    _assert_same(_train(cfgs, worker=True), _train(cfgs, worker=False))
+    assert pids[0] is not None and pids[1] is None  # a worker ran the first, none the second
+    assert _reaped(pids[0])
+
+
+@needs_fork
+def test_a_killed_worker_loses_no_row(monkeypatch, capfd):
+    # The worker dies at its 10th row with rows outstanding: the loop computes them from their slots.
+    cfgs = _cfgs()
+    submit, count = row_worker.Rows.submit, [0]
+
+    def kill_at_ten(self, raw, P):
+        count[0] += 1
+        if count[0] == 10 and self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+        submit(self, raw, P)
+
+    monkeypatch.setattr(row_worker.Rows, "submit", kill_at_ten)
+    killed = _train(cfgs, worker=True)
+    monkeypatch.setattr(row_worker.Rows, "submit", submit)
+    _assert_same(killed, _train(cfgs, worker=False))
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "log-row worker stopped" in err[0]
+
+
+@needs_fork
+def test_a_worker_that_stops_answering_is_replaced_by_the_loop(monkeypatch, capfd):
+    # SIGSTOP freezes the worker mid-training; after TIMEOUT_S without an answer it is killed and reaped.
+    monkeypatch.setattr(row_worker, "TIMEOUT_S", 0.5)
+    pids = _spy_pids(monkeypatch)
+    cfgs = _cfgs()
+    submit, count = row_worker.Rows.submit, [0]
+
+    def freeze_at_five(self, raw, P):
+        count[0] += 1
+        if count[0] == 5 and self.pid is not None:
+            os.kill(self.pid, signal.SIGSTOP)
+        submit(self, raw, P)
+
+    monkeypatch.setattr(row_worker.Rows, "submit", freeze_at_five)
+    frozen = _train(cfgs, worker=True)
+    monkeypatch.setattr(row_worker.Rows, "submit", submit)
+    _assert_same(frozen, _train(cfgs, worker=False))
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sent no answer for 0.5 s" in err[0]
+    assert _reaped(pids[0])
+
+
+@needs_fork
+def test_the_worker_ignores_ctrl_c_and_ends_with_the_training(monkeypatch):
+    # Ctrl-C reaches the whole process group; the training process decides when to stop, not the worker.
+    pids = _spy_pids(monkeypatch)
+    cfgs = _cfgs()
+    submit, count = row_worker.Rows.submit, [0]
+
+    def interrupt_worker(self, raw, P):
+        count[0] += 1
+        if count[0] == 3:
+            os.kill(self.pid, signal.SIGINT)
+        submit(self, raw, P)
+
+    monkeypatch.setattr(row_worker.Rows, "submit", interrupt_worker)
+    interrupted = _train(cfgs, worker=True)
+    monkeypatch.setattr(row_worker.Rows, "submit", submit)
+    _assert_same(interrupted, _train(cfgs, worker=False))
+    assert _reaped(pids[0])
+
+
+@needs_fork
+def test_a_stopped_or_failed_training_reaps_its_worker(monkeypatch):
+    pids = _spy_pids(monkeypatch)
+    cfgs = _cfgs()
+    res, blocks, _ = _train(cfgs, worker=True, should_stop=lambda: True)  # stops at the first flush
+    assert {r.status for r in res} == {"interrupted"} and blocks[0].steps.tolist() == [0, 3, 6, 9, 12, 15, 18]
+    assert _reaped(pids[-1])
+
+    def fail(block):
+        raise OSError("disk full")
+
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train(cfgs, datasets, on_log=fail, flush_every=7, row_worker_process=True)
+    assert _reaped(pids[-1])
+
+
+def test_a_worker_runs_where_it_pays(monkeypatch):
+    monkeypatch.delenv("LAB_ROW_WORKER", raising=False)
+    monkeypatch.setattr(row_worker, "_cores", lambda: 2)
+    big = row_worker.MIN_ELEMENTS
+    linux = sys.platform == "linux"
+    assert row_worker.worker_pays(torch.device("cpu"), big, rows=201) is linux
+    assert not row_worker.worker_pays(torch.device("cpu"), big - 1, rows=201)  # a single run: op overhead
+    assert not row_worker.worker_pays(torch.device("cpu"), big, rows=1)  # logging off: the last row only
+    assert not row_worker.worker_pays(torch.device("cuda"), big, rows=201)  # asynchronous anyway
+    monkeypatch.setattr(row_worker, "_cores", lambda: 1)
+    assert not row_worker.worker_pays(torch.device("cpu"), big, rows=201)  # no core to spare
+    monkeypatch.setenv("LAB_ROW_WORKER", "1")  # the user's choice, where a worker can run at all
+    assert row_worker.worker_pays(torch.device("cpu"), 1, rows=201) is linux
+    assert not row_worker.worker_pays(torch.device("cuda"), big, rows=201)
+    monkeypatch.setenv("LAB_ROW_WORKER", "0")
+    monkeypatch.setattr(row_worker, "_cores", lambda: 2)
+    assert not row_worker.worker_pays(torch.device("cpu"), big, rows=201)
+
+
+def test_rows_without_a_worker_refuse_more_rows_than_a_flush_holds():
+    cfgs = _cfgs()[:1]
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    pop, P, *_ = population.build(cfgs, datasets, torch.device("cpu"), torch.float32)
+    rows = row_worker.Rows(pop, P, capacity=2, worker=False)
+    m, flat, _, _ = pop.terms(keep=True)
+    for _ in range(2):
+        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P)
+    with pytest.raises(RuntimeError, match="more than 2 rows"):
+        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P)
+    assert len(rows.collect()) == 2 and rows.collect() == []
