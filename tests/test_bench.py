@@ -24,8 +24,21 @@ def test_a_small_benchmark_writes_every_figure(tmp_path):
     assert fig["same_final_params"] is True
     assert fig["scale_runs"] == 40 and fig["scale_10k_s"] > 0
     assert {"cores", "cpu", "torch"} <= set(fig["machine"])
+    # on a CPU both cadences are timed again with the rows in the training process
+    assert fig["logging_overhead_default_in_loop"] > -1 and fig["logging_overhead_every_step_in_loop"] > -1
     text = md.read_text()
     assert "| speedup |" in text and ("Targets met:" in text or "Not met:" in text)
+    assert "rows in the training process: " in text
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="a row worker needs fork")
+def test_a_study_process_reports_its_row_worker(tmp_path):
+    # LAB_ROW_WORKER reaches the study's process: with 1 a worker runs (and its memory is counted), with 0 none.
+    flat = {**bench.study_flat(steps=30), "data.n": 100}
+    forced = bench.run_study(flat, bench.study_sweep(1), tmp_path / "w1", None, {"LAB_ROW_WORKER": "1"})
+    none = bench.run_study(flat, bench.study_sweep(1), tmp_path / "w0", None, {"LAB_ROW_WORKER": "0"})
+    assert forced["completed"] == none["completed"] == 20
+    assert forced["worker_private_mb"] > 0 and none["worker_private_mb"] == 0
 
 
 @pytest.mark.parametrize("speedup,every,expect_missed", [(60.0, 0.2, []), (40.0, 0.2, ["speedup"]),
@@ -58,10 +71,10 @@ def test_a_benchmark_killed_in_its_scale_point_keeps_what_it_measured(tmp_path, 
 
     real = bench.run_study
 
-    def run_study(flat, sweep, runs_dir, threads):
+    def run_study(flat, sweep, runs_dir, threads, env=None):
         if runs_dir.name == "scale":
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(flat, sweep, runs_dir, threads)
+        return real(flat, sweep, runs_dir, threads, env)
 
     monkeypatch.setattr(bench, "run_study", run_study)
     (tmp_path / "tmp").mkdir()
