@@ -26,6 +26,7 @@ one line on stderr says so, and no row is lost.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import mmap
@@ -51,8 +52,8 @@ MAX_SLOTS = 4
 # A worker that sends no answer for this long is taken for dead (a row of 10,000 runs takes ~30 ms).
 TIMEOUT_S = 60.0
 
-_REQUEST = struct.Struct("ii")  # slot, output row
-_REPLY = struct.Struct("i")  # slot
+_REQUEST = struct.Struct("ii")  # slot, row index (its row of `out`)
+_REPLY = struct.Struct("i")  # row index
 
 
 def _cores() -> int:
@@ -74,16 +75,23 @@ def worker_pays(device: torch.device, elements: int, rows: int) -> bool:
 class Rows:
     """Where a population's log rows get their sums: in the loop (`worker=False`) or in a forked worker.
 
-    The loop calls `submit(raw, P)` at each row step, after the step wrote its e and psi into
-    `pop.row_e`, `pop.row_psi`, and `collect()` before it reads the rows' sums (raw.sums) at a flush;
-    `close()` at the end. At most `capacity` rows may be submitted between two collects.
+    The loop calls `submit(raw, P, step)` at each row step, after the step wrote its e and psi into
+    `pop.row_e`, `pop.row_psi`, `collect()` at a flush, which returns the rows with their sums (raw.sums)
+    and their steps, and `clear()` once they are logged; `close()` at the end. At most `capacity` rows
+    wait between clears.
+
+    A row counts as submitted once `submit` has registered it, in one list append: a Ctrl-C (a
+    KeyboardInterrupt anywhere in the loop) before that leaves no trace of it, after it the row is
+    collected like any other. The bookkeeping of requests and answers runs with SIGINT and SIGTERM held
+    back (`_signals_held`), so that an interrupt never splits a message from the record of it.
     """
 
     def __init__(self, pop, P: torch.Tensor, capacity: int, worker: bool):
         self.pop, self.capacity = pop, capacity
-        self.submitted: list[log_row.RawRow] = []
-        self.busy: dict[int, int] = {}  # slot -> output row, for the worker and not answered
-        self.unsent: list[bytes] = []  # requests not yet written (see submit)
+        self.rows: list[tuple[log_row.RawRow, int, int | None]] = []  # (row, step, slot) since the last collect
+        self.sent = 0  # rows[:sent] were sent to the worker
+        self.done: set[int] = set()  # rows (indices into self.rows) the worker has answered
+        self.held: dict[int, int] = {}  # slot -> the unanswered row that holds it
         self.pid = None
         if not worker:
             return
@@ -97,117 +105,145 @@ class Rows:
         self.psi = [_shared(shape, dtype) for _ in range(slots)]
         self.P = [_shared(P.shape, dtype) for _ in range(slots)]
         self.out = _shared((capacity, log_row.row_sums_size(pop), P.shape[0]), dtype)
-        self.free = list(range(slots - 1, -1, -1))
-        self.batch = max(1, slots // 2)
-        self.slot = self.free.pop()
-        pop.row_e, pop.row_psi = self.e[self.slot], self.psi[self.slot]
+        self.slots, self.batch = slots, max(1, slots // 2)
+        self.slot = 0  # where the next row step writes
+        pop.row_e, pop.row_psi = self.e[0], self.psi[0]
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _signals_held():
                 # Python 3.12+ warns about fork() in a process with threads: PyTorch's intra-op pool may
                 # have threads, and the child uses none of them (one thread, no locks the parent could hold).
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
+                if pid == 0:  # the worker (its signals still held): never returns into the caller's code
+                    _serve(pop, self.e, self.psi, self.P, self.out, requests_r, replies_w,
+                           (self.requests, self.replies))
         except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): the rows are computed in the loop
             for fd in (requests_r, self.requests, self.replies, replies_w):
                 os.close(fd)
             print(f"lab: no log-row worker ({exc}); computing log rows in the training process", file=sys.stderr)
             return
-        if pid == 0:  # the worker: never returns into the caller's code
-            os.close(self.requests)
-            os.close(self.replies)
-            _serve(pop, self.e, self.psi, self.P, self.out, requests_r, replies_w)
         os.close(requests_r)
         os.close(replies_w)
         os.set_blocking(self.replies, False)  # reads answers without waiting (select waits where needed)
         self.pid = pid
 
-    def submit(self, raw: log_row.RawRow, P: torch.Tensor) -> None:
-        """The row step `raw` (its sums still None): its sums are computed now, or sent to the worker."""
-        if len(self.submitted) >= self.capacity:
-            raise RuntimeError(f"more than {self.capacity} rows submitted without a collect")
-        i = len(self.submitted)
-        self.submitted.append(raw)
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def first_step(self) -> int | None:
+        return self.rows[0][1] if self.rows else None
+
+    def submit(self, raw: log_row.RawRow, P: torch.Tensor, step: int) -> None:
+        """The row step `raw` (its sums still None) at `step`: its sums are computed now, or by the worker."""
+        if len(self.rows) >= self.capacity:
+            raise RuntimeError(f"more than {self.capacity} rows submitted without a clear")
         if self.pid is None:
             raw.sums = log_row.row_sums(self.pop, self.pop.row_e, self.pop.row_psi, P)
+            self.rows.append((raw, step, None))
             return
-        slot = self.slot
-        self.P[slot].copy_(P)
-        self.busy[slot] = i
-        self.unsent.append(_REQUEST.pack(slot, i))
-        # Requests go in pairs where the ring allows: each wakes the sleeping worker, and a wake-up across
-        # cores costs as much as a few hundred tensor ops' overhead on a virtual machine (measured).
-        if len(self.unsent) >= self.batch or not self.free:
-            self._send()
-        while not self.free and self.pid is not None:
-            self._answers(wait=True)
+        self.P[self.slot].copy_(P)
+        with _signals_held():
+            self.held[self.slot] = len(self.rows)
+            self.rows.append((raw, step, self.slot))  # from here on the row is the worker's
+            # Requests go in pairs where the ring allows: each wakes the sleeping worker, and a wake-up
+            # across cores costs as much as a few hundred tensor ops' overhead on a virtual machine.
+            if len(self.rows) - self.sent >= self.batch or not self._free():
+                self._send()
+        while self.pid is not None and not self._free():
+            self._wait()
         if self.pid is not None:
-            self.slot = self.free.pop()
+            self.slot = self._free()[0]
             self.pop.row_e, self.pop.row_psi = self.e[self.slot], self.psi[self.slot]
 
-    def collect(self) -> list[log_row.RawRow]:
-        """The rows submitted since the last collect, each with its sums [row_sums_size, N]."""
-        self._send()
-        while self.busy and self.pid is not None:
-            self._answers(wait=True)
+    def collect(self) -> tuple[list[log_row.RawRow], list[int]]:
+        """The rows submitted since the last `clear`, each with its sums [row_sums_size, N], and their steps."""
         if self.pid is not None:
-            for i, raw in enumerate(self.submitted):
-                raw.sums = self.out[i].clone()
-        rows, self.submitted = self.submitted, []
-        return rows
+            with _signals_held():
+                self._send()
+            while self.pid is not None and len(self.done) < len(self.rows):
+                self._wait()
+        for i, (raw, _, slot) in enumerate(self.rows):
+            if raw.sums is None:  # answered by the worker, or (a fall-back cut short by Ctrl-C) never
+                raw.sums = (self.out[i].clone() if i in self.done else
+                            log_row.row_sums(self.pop, self.e[slot], self.psi[slot], self.P[slot]))
+        return [r[0] for r in self.rows], [r[1] for r in self.rows]
+
+    def clear(self) -> None:
+        """Forget the collected rows, once they are logged (a Ctrl-C before that: they are collected again)."""
+        with _signals_held():
+            self.rows, self.sent, self.done, self.held = [], 0, set(), {}
 
     def close(self) -> None:
-        """End the worker (it exits when its pipe closes) and reap it."""
+        """End the worker (it exits when its pipe of requests closes) and reap it."""
         if self.pid is None:
             return
-        os.close(self.requests)
+        pid, self.pid = self.pid, None
+        os.close(self.requests)  # the worker answers what it is computing, then reads the end
+        os.waitpid(pid, 0)
         os.close(self.replies)
-        os.waitpid(self.pid, 0)
-        self.pid = None
+
+    def _free(self) -> list[int]:
+        """Slots no unanswered row holds."""
+        return [s for s in range(self.slots) if s not in self.held]
 
     def _send(self) -> None:
-        if not self.unsent or self.pid is None:
+        """Write the requests not yet sent (signals held by the caller)."""
+        if self.sent == len(self.rows) or self.pid is None:
             return
+        requests = b"".join(_REQUEST.pack(slot, i) for i, (_, _, slot) in enumerate(self.rows) if i >= self.sent)
         try:
-            os.write(self.requests, b"".join(self.unsent))  # atomic: at most 4 requests of 8 bytes
+            os.write(self.requests, requests)  # atomic: at most `capacity` requests of 8 bytes
         except OSError:  # BrokenPipeError: the worker is gone
             self._fall_back("it closed its pipe")
-        self.unsent.clear()
-
-    def _answers(self, wait: bool) -> None:
-        """Free the slots the worker has answered; with `wait`, block until at least one answer comes."""
-        while True:
-            try:
-                data = os.read(self.replies, _REPLY.size * len(self.busy))  # whole answers: each write is atomic
-                break
-            except BlockingIOError:  # no answer yet
-                if not wait:
-                    return
-                if not select.select([self.replies], [], [], TIMEOUT_S)[0]:
-                    os.kill(self.pid, signal.SIGKILL)
-                    self._fall_back(f"it sent no answer for {TIMEOUT_S:g} s")
-                    return
-        if not data:
-            self._fall_back("it exited")
             return
-        for (slot,) in _REPLY.iter_unpack(data):
-            del self.busy[slot]
-            self.free.append(slot)
+        self.sent = len(self.rows)
+
+    def _wait(self) -> None:
+        """Block until the worker answers, then record its answers; fall back if it is gone or silent."""
+        if not select.select([self.replies], [], [], TIMEOUT_S)[0]:  # (a Ctrl-C may end the wait)
+            os.kill(self.pid, signal.SIGKILL)
+            self._fall_back(f"it sent no answer for {TIMEOUT_S:g} s")
+            return
+        with _signals_held():
+            try:
+                answers = os.read(self.replies, 4096)  # whole answers: each write of one is atomic
+            except BlockingIOError:
+                return
+            if not answers:
+                self._fall_back("it exited")
+                return
+            for (i,) in _REPLY.iter_unpack(answers):
+                self.done.add(i)
+                del self.held[self.rows[i][2]]
 
     def _fall_back(self, why: str) -> None:
-        """The worker is gone: compute the rows it had not answered from their slots, and the rest in the loop."""
+        """The worker is gone: the rows it had not answered are computed in the loop, from their slots, and
+        so is every later row (in the slot the step writes now). Interrupted, it leaves rows without
+        sums, which `collect` computes from their slots (the training stops: no step writes them)."""
+        pid, self.pid = self.pid, None
         os.close(self.requests)
         os.close(self.replies)
-        _, status = os.waitpid(self.pid, 0)
-        self.pid = None
+        _, status = os.waitpid(pid, 0)
         print(f"lab: the log-row worker stopped ({why}, wait status {status}); computing log rows in the "
               f"training process", file=sys.stderr)
-        for slot, i in sorted(self.busy.items(), key=lambda item: item[1]):
-            self.out[i] = log_row.row_sums(self.pop, self.e[slot], self.psi[slot], self.P[slot])
-        for i, raw in enumerate(self.submitted):
-            raw.sums = self.out[i].clone()
-        self.busy.clear()
+        for i, (raw, _, slot) in enumerate(self.rows):  # now: the next step may write any of their slots
+            if i not in self.done:
+                raw.sums = log_row.row_sums(self.pop, self.e[slot], self.psi[slot], self.P[slot])
+        self.held.clear()
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (blocked, not lost) until the block ends; then their handlers run."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _shared(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -234,23 +270,27 @@ def _release_free_memory() -> None:
         pass
 
 
-def _serve(pop, e, psi, P, out, requests: int, replies: int) -> None:
-    """The worker's loop: a slot and an output row in, the row's sums out, until the pipe closes."""
+def _serve(pop, e, psi, P, out, requests: int, replies: int, parent_ends: tuple[int, int]) -> None:
+    """The worker's loop: a slot and a row index in, the row's sums into `out`, the index back, until the
+    pipe of requests closes. Entered with SIGINT and SIGTERM held; never returns."""
     status = 1
     try:
+        for fd in parent_ends:
+            os.close(fd)
         # Ctrl-C and a terminal's SIGTERM reach the whole process group; the training process handles
         # them (it stops at a flush, after collecting its rows), and this process ends when it closes the pipe.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         torch.set_num_threads(1)
         _release_free_memory()
         while True:
-            request = os.read(requests, _REQUEST.size)  # whole requests: each write is atomic
+            request = os.read(requests, _REQUEST.size)  # whole requests: each was written whole
             if not request:
                 break
             slot, i = _REQUEST.unpack(request)
             out[i] = log_row.row_sums(pop, e[slot], psi[slot], P[slot])
-            os.write(replies, _REPLY.pack(slot))
+            os.write(replies, _REPLY.pack(i))
         status = 0
     except BaseException as exc:  # noqa: BLE001 (one line, then the training process computes the rows)
         print(f"lab: log-row worker: {type(exc).__name__}: {exc}", file=sys.stderr)

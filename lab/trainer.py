@@ -207,24 +207,23 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
     history = History(N, n_params, window, capacity, track_params, dtype, device)
     prev_direction = None if track_params else torch.zeros_like(P)
 
-    pending, pending_steps = [], []
     last_row = {}  # the most recent row [T, N] (caller order), for the summary's `final`
     tags = metrics.SCALAR_TAGS + tuple(f"param/{p}" for p in named_keys)
     interrupted = False
 
     if worker is None:
         worker = row_worker.worker_pays(device, pop.y3.shape[0] * n * pop.k, len(row_steps))
-    row_sums = row_worker.Rows(pop, P, flush_every, worker=worker)
+    log_rows = row_worker.Rows(pop, P, flush_every, worker=worker)
 
     def flush():
-        if pending:
-            rows = log_row.tag_rows(pop, row_sums.collect(), history.tags(pending_steps))  # [S, T, N], all rows at once
+        raws, logged_steps = log_rows.collect()  # the rows since the last flush, with their sums
+        if raws:
+            rows = log_row.tag_rows(pop, raws, history.tags(logged_steps))  # [S, T, N], all rows at once
             block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush
-            last_row["values"], last_row["step"] = block[-1], pending_steps[-1]
+            last_row["values"], last_row["step"] = block[-1], logged_steps[-1]
             if on_log and log_every:
-                on_log(LogBlock(np.array(pending_steps), tags, block, time.time()))
-            pending.clear()
-            pending_steps.clear()
+                on_log(LogBlock(np.array(logged_steps), tags, block, time.time()))
+        log_rows.clear()  # (interrupted before this, the final flush logs these rows)
 
     try:
         for step in range(steps + 1):
@@ -261,10 +260,8 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
                 if hist_every and on_hist and step % hist_every == 0:  # (before submit moves the row buffers)
                     log_row.population_histograms(pop, step, chain, on_hist, inverse)
                 raw = log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now)
-                row_sums.submit(raw, P)  # its sums: now, or on the row worker
-                pending.append(raw)
-                pending_steps.append(step)
-                if len(pending) >= flush_every or history.must_flush(pending_steps[0], next_row.get(step)):
+                log_rows.submit(raw, P, step)  # its sums: now, or on the row worker
+                if len(log_rows) >= flush_every or history.must_flush(log_rows.first_step, next_row.get(step)):
                     flush()
                     if should_stop and should_stop():
                         raise KeyboardInterrupt
@@ -288,12 +285,12 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:
-        row_sums.close()  # the worker process ends with the training that failed
+        log_rows.close()  # the worker process ends with the training that failed
         raise
     try:
         flush()
     finally:
-        row_sums.close()
+        log_rows.close()
     return _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, tags, last_row, interrupted,
                     steps, time.perf_counter() - t_start, inverse)
 

@@ -76,12 +76,41 @@ def _reaped(pid) -> bool:
 @needs_fork
 @pytest.mark.parametrize("model,extra", [("linear", {}), ("constant", {}), ("linear", {"train.batch_size": 50}),
                                          ("mlp", {"model.hidden": [4]})])
-def test_rows_from_the_worker_equal_rows_from_the_loop(monkeypatch, model, extra):
+def test_rows_from_the_worker_equal_rows_from_the_loop(monkeypatch, capfd, model, extra):
     pids = _spy_pids(monkeypatch)
     cfgs = _cfgs(model, **extra)
     _assert_same(_train(cfgs, worker=True), _train(cfgs, worker=False))
     assert pids[0] is not None and pids[1] is None  # a worker ran the first, none the second
     assert _reaped(pids[0])
+    assert capfd.readouterr().err == ""  # the worker answered every row: no fall-back
+
+
+@needs_fork
+def test_a_slow_worker_fills_the_ring_and_the_loop_waits(monkeypatch, capfd):
+    # Every row takes the worker 20 ms (the loop's step well under 1 ms, a row every step): the ring of
+    # slots fills and the loop waits for free slots, and no slot is written while the worker reads it.
+    import time
+
+    row_sums = log_row.row_sums
+
+    def slow(*a):
+        time.sleep(0.02)
+        return row_sums(*a)
+
+    cfgs = _cfgs(**{"train.log_every": 1, "train.steps": 40})
+    monkeypatch.setattr(log_row, "row_sums", slow)  # the worker, forked after this, inherits it
+    waited, wait = [0], row_worker.Rows._wait
+
+    def counted(self):
+        waited[0] += 1
+        wait(self)
+
+    monkeypatch.setattr(row_worker.Rows, "_wait", counted)
+    slow_rows = _train(cfgs, worker=True)
+    monkeypatch.setattr(log_row, "row_sums", row_sums)
+    _assert_same(slow_rows, _train(cfgs, worker=False))
+    assert waited[0] >= 30  # the loop waited for nearly every row
+    assert capfd.readouterr().err == ""
 
 
 @needs_fork
@@ -90,11 +119,11 @@ def test_a_killed_worker_loses_no_row(monkeypatch, capfd):
     cfgs = _cfgs()
     submit, count = row_worker.Rows.submit, [0]
 
-    def kill_at_ten(self, raw, P):
+    def kill_at_ten(self, raw, P, step):
         count[0] += 1
         if count[0] == 10 and self.pid is not None:
             os.kill(self.pid, signal.SIGKILL)
-        submit(self, raw, P)
+        submit(self, raw, P, step)
 
     monkeypatch.setattr(row_worker.Rows, "submit", kill_at_ten)
     killed = _train(cfgs, worker=True)
@@ -112,11 +141,11 @@ def test_a_worker_that_stops_answering_is_replaced_by_the_loop(monkeypatch, capf
     cfgs = _cfgs()
     submit, count = row_worker.Rows.submit, [0]
 
-    def freeze_at_five(self, raw, P):
+    def freeze_at_five(self, raw, P, step):
         count[0] += 1
         if count[0] == 5 and self.pid is not None:
             os.kill(self.pid, signal.SIGSTOP)
-        submit(self, raw, P)
+        submit(self, raw, P, step)
 
     monkeypatch.setattr(row_worker.Rows, "submit", freeze_at_five)
     frozen = _train(cfgs, worker=True)
@@ -128,23 +157,99 @@ def test_a_worker_that_stops_answering_is_replaced_by_the_loop(monkeypatch, capf
 
 
 @needs_fork
-def test_the_worker_ignores_ctrl_c_and_ends_with_the_training(monkeypatch):
+def test_the_worker_ignores_ctrl_c_and_ends_with_the_training(monkeypatch, capfd):
     # Ctrl-C reaches the whole process group; the training process decides when to stop, not the worker.
     pids = _spy_pids(monkeypatch)
     cfgs = _cfgs()
     submit, count = row_worker.Rows.submit, [0]
 
-    def interrupt_worker(self, raw, P):
+    def interrupt_worker(self, raw, P, step):
         count[0] += 1
         if count[0] == 3:
             os.kill(self.pid, signal.SIGINT)
-        submit(self, raw, P)
+        submit(self, raw, P, step)
 
     monkeypatch.setattr(row_worker.Rows, "submit", interrupt_worker)
     interrupted = _train(cfgs, worker=True)
     monkeypatch.setattr(row_worker.Rows, "submit", submit)
     _assert_same(interrupted, _train(cfgs, worker=False))
     assert _reaped(pids[0])
+    assert capfd.readouterr().err == ""  # it went on answering
+
+
+@needs_fork
+@pytest.mark.parametrize("where", ["sending", "just sent", "just read", "waiting", "in the loop"])
+def test_ctrl_c_in_the_training_process_ends_the_runs_interrupted_with_their_rows(monkeypatch, capfd, where):
+    # A real SIGINT to this process (KeyboardInterrupt, as Ctrl-C) at the 6th row: while requests are sent,
+    # as their write returns, as answers are read (signals held: it lands once they are recorded; else
+    # they would be lost and the loop would wait TIMEOUT_S for them, then fall back), while the loop
+    # waits for an answer, or in a row computed in the loop.
+    monkeypatch.setattr(row_worker, "TIMEOUT_S", 3.0)
+    cfgs = _cfgs(**{"train.log_every": 1, "train.steps": 60})
+    count = [0]
+
+    def ctrl_c(original):
+        def wrapped(*a, **kw):
+            count[0] += 1
+            if count[0] == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+            return original(*a, **kw)
+        return wrapped
+
+    if where == "sending":
+        monkeypatch.setattr(row_worker.Rows, "_send", ctrl_c(row_worker.Rows._send))
+    elif where == "just sent":  # the signal arrives as the write of requests returns
+        write = os.write
+
+        def written(fd, data):
+            n = write(fd, data)
+            if len(data) % 8 == 0 and data[:1] != b"l":  # the requests' pipe, not a line of text
+                count[0] += 1
+                if count[0] == 6:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return n
+
+        monkeypatch.setattr(os, "write", written)
+    elif where == "just read":
+        read = os.read
+
+        def answers_read(fd, n):
+            data = read(fd, n)
+            if n == 4096:  # the answers' pipe (the only read of this size)
+                count[0] += 1
+                if count[0] == 6:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return data
+
+        monkeypatch.setattr(os, "read", answers_read)
+    elif where == "waiting":
+        monkeypatch.setattr(row_worker.select, "select", ctrl_c(row_worker.select.select))
+    else:
+        monkeypatch.setattr(log_row, "row_sums", ctrl_c(log_row.row_sums))
+    pids = _spy_pids(monkeypatch)
+    res, blocks, _ = _train(cfgs, worker=where != "in the loop")
+    assert {r.status for r in res} == {"interrupted"}
+    steps = np.concatenate([b.steps for b in blocks])
+    assert steps.tolist() == list(range(len(steps))) and 3 <= len(steps) <= 12  # every row up to the stop
+    assert np.isfinite(np.concatenate([b.values for b in blocks])[:, :4]).all()  # with its sums
+    if pids[0] is not None:
+        assert _reaped(pids[0])
+    assert capfd.readouterr().err == ""  # no answer lost, no fall-back
+
+
+@needs_fork
+def test_a_study_of_several_populations_leaves_no_process_and_no_descriptor(monkeypatch, tmp_path):
+    from lab import study
+
+    monkeypatch.setenv("LAB_ROW_WORKER", "1")
+    pids = _spy_pids(monkeypatch)
+    fds = set(os.listdir("/proc/self/fd"))
+    runs = study.sweep_runs({"name": "two", "data.n": 100, "train.steps": 40, "train.figures": False},
+                            {"loss.name": ["mse", "huber"], "data.n": [100, 120]})  # two populations (n differs)
+    _, interrupted = study.execute(runs, tmp_path)
+    assert not interrupted and {r.summary["status"] for r in runs} == {"completed"}
+    assert len(pids) == 2 and None not in pids and all(_reaped(p) for p in pids)
+    assert set(os.listdir("/proc/self/fd")) == fds
 
 
 @needs_fork
@@ -183,14 +288,18 @@ def test_a_worker_runs_where_it_pays(monkeypatch):
     assert not row_worker.worker_pays(torch.device("cpu"), big, rows=201)
 
 
-def test_rows_without_a_worker_refuse_more_rows_than_a_flush_holds():
+def test_rows_without_a_worker_refuse_more_rows_than_a_flush_holds_and_wait_to_be_cleared():
     cfgs = _cfgs()[:1]
     datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
     pop, P, *_ = population.build(cfgs, datasets, torch.device("cpu"), torch.float32)
     rows = row_worker.Rows(pop, P, capacity=2, worker=False)
     m, flat, _, _ = pop.terms(keep=True)
-    for _ in range(2):
-        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P)
+    for step in range(2):
+        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P, step)
     with pytest.raises(RuntimeError, match="more than 2 rows"):
-        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P)
-    assert len(rows.collect()) == 2 and rows.collect() == []
+        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P, 2)
+    raws, steps = rows.collect()
+    assert steps == [0, 1] and all(r.sums is not None for r in raws)
+    assert rows.collect()[1] == [0, 1]  # until they are cleared (logged)
+    rows.clear()
+    assert rows.collect() == ([], []) and len(rows) == 0
