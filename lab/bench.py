@@ -448,7 +448,8 @@ def _measure(args, root: Path, save) -> dict:
     # row worker (lab.row_worker) buys. On a GPU no worker runs, so those modes would repeat the others.
     modes = [("off", 0, None), ("every_step", 1, None)]
     if args.device == "cpu":
-        modes += [("default_in_loop", 10, {"LAB_ROW_WORKER": "0"}), ("every_step_in_loop", 1, {"LAB_ROW_WORKER": "0"})]
+        in_loop = {"LAB_ROW_WORKER": "0"}
+        modes += [("default_in_loop", flat["train.log_every"], in_loop), ("every_step_in_loop", 1, in_loop)]
     labs, tries = [], {name: [] for name, _, _ in modes}
     for i in range(args.repeats):
         _say(f"lab: {n_runs}-run study in a fresh process, logging default, {', '.join(m[0] for m in modes)} "
