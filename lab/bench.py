@@ -310,6 +310,15 @@ def markdown(fig: dict) -> str:
          f"{fig['logging_overhead_every_step']:+.0%} (target <= 25%)" + _in_loop(fig, "every_step_in_loop")),
         ("single run / minimal loop (no logging)", f"{fig['single_run_ratio']:.2f}x (target <= 1.5x)"),
     ]
+    if fig.get("logging_added_s"):
+        added = fig["logging_added_s"]
+        where = "; ".join(f"{label} +{added[name]['study']:.2f} s, of which +{added[name]['train']:.2f} s in training"
+                          for name, label in (("default", "default"), ("every_step", "every step"),
+                                              ("default_in_loop", "default, rows in the training process"),
+                                              ("every_step_in_loop", "every step, rows in the training process"))
+                          if name in added)
+        rows.insert(rows.index(next(r for r in rows if r[0].startswith("single run"))),
+                    ("logging: seconds added to the study, and to lab.trainer.train (median of repeats)", where))
     if fig.get("scale_10k_s") is not None:
         memory = _memory(fig["scale_10k_peak_mb"], fig.get("scale_peak_gpu_mb"), fig.get("scale_peak_worker_mb"))
         scale = f"{fig['scale_10k_s']:.0f} s, {memory} peak (target < 300 s)"
@@ -473,6 +482,9 @@ def _measure(args, root: Path, save) -> dict:
         # every-step figure by up to 40 points between benchmarks).
         return statistics.median(t["execute_s"] / o["execute_s"] - 1 for t, o in zip(tries[name], tries["off"]))
 
+    def seconds(name: str, part: str) -> float:  # what logging adds to a part of the study, median of repeats
+        return statistics.median(t[part] - o[part] for t, o in zip(tries[name], tries["off"]))
+
     _say(f"baseline: the usual loop on {max(args.baseline_runs, 10)} runs")
     runs = study_runs(flat, sweep)
     baseline = run_baseline(runs, max(args.baseline_runs, 10), root / "baseline")
@@ -497,6 +509,11 @@ def _measure(args, root: Path, save) -> dict:
         "logging_off_execute_s": best["off"]["execute_s"], "logging_every_step_execute_s": best["every_step"]["execute_s"],
         "logging_overhead_default": overhead("default"), "logging_overhead_every_step": overhead("every_step"),
         "logging_execute_s_all": {name: [r["execute_s"] for r in runs] for name, runs in tries.items()},
+        "logging_train_s_all": {name: [r["train_s"] for r in runs] for name, runs in tries.items()},
+        # where the overhead goes: seconds added to the study, and to it inside lab.trainer.train (rows,
+        # histograms and the event encoding of the callbacks; the rest is run directories, files and syncs)
+        "logging_added_s": {name: {"study": seconds(name, "execute_s"), "train": seconds(name, "train_s")}
+                            for name in tries if name != "off"},
         "peak_worker_mb": lab["worker_private_mb"],
         "single_run": single["per_loss"], "single_run_ratio": single["ratio_off"],
         "single_run_ratio_logged": single["ratio_logged"],

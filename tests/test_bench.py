@@ -26,9 +26,13 @@ def test_a_small_benchmark_writes_every_figure(tmp_path):
     assert {"cores", "cpu", "torch"} <= set(fig["machine"])
     # on a CPU both cadences are timed again with the rows in the training process
     assert fig["logging_overhead_default_in_loop"] > -1 and fig["logging_overhead_every_step_in_loop"] > -1
+    # where the overhead goes: a study-level figure and the part inside the trainer, for each logged mode
+    assert set(fig["logging_added_s"]) == {"default", "every_step", "default_in_loop", "every_step_in_loop"}
+    assert all(set(v) == {"study", "train"} for v in fig["logging_added_s"].values())
+    assert len(fig["logging_execute_s_all"]["off"]) == len(fig["logging_train_s_all"]["every_step"]) == 1
     text = md.read_text()
     assert "| speedup |" in text and ("Targets met:" in text or "Not met:" in text)
-    assert "rows in the training process: " in text
+    assert "rows in the training process: " in text and "of which +" in text
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="a row worker needs fork")
