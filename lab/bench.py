@@ -312,13 +312,13 @@ def markdown(fig: dict) -> str:
     ]
     if fig.get("logging_added_s"):
         added = fig["logging_added_s"]
-        where = "; ".join(f"{label} +{added[name]['study']:.2f} s, of which +{added[name]['train']:.2f} s in training"
+        split_text = "; ".join(f"{label} +{added[name]['study']:.2f} s, of which +{added[name]['train']:.2f} s in training"
                           for name, label in (("default", "default"), ("every_step", "every step"),
                                               ("default_in_loop", "default, rows in the training process"),
                                               ("every_step_in_loop", "every step, rows in the training process"))
                           if name in added)
         rows.insert(rows.index(next(r for r in rows if r[0].startswith("single run"))),
-                    ("logging: seconds added to the study, and to lab.trainer.train (median of repeats)", where))
+                    ("logging: seconds added to the study, and to lab.trainer.train (median of repeats)", split_text))
     if fig.get("scale_10k_s") is not None:
         memory = _memory(fig["scale_10k_peak_mb"], fig.get("scale_peak_gpu_mb"), fig.get("scale_peak_worker_mb"))
         scale = f"{fig['scale_10k_s']:.0f} s, {memory} peak (target < 300 s)"
@@ -341,7 +341,7 @@ def markdown(fig: dict) -> str:
     if fig["device"] == "cpu":
         notes += (" Training uses one intra-op thread on a CPU (two were up to 20x slower whenever another process "
                   "shared the cores), and the log rows' sums a second core (lab.row_worker); \"rows in the training "
-                  "process\" is the same study with LAB_ROW_WORKER=0. Timings on shared cores move by 10-20% between "
+                  "process\" is the same study with LAB_ROW_WORKER=0. Timings on shared cores move by 10-30% between "
                   "runs, the baseline's too.")
     else:
         notes += (" Memory: the process's peak resident memory, then the GPU's peak allocated memory. The targets "

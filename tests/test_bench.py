@@ -33,6 +33,7 @@ def test_a_small_benchmark_writes_every_figure(tmp_path):
     text = md.read_text()
     assert "| speedup |" in text and ("Targets met:" in text or "Not met:" in text)
     assert "rows in the training process: " in text and "of which +" in text
+    assert text.startswith("Measured by `scripts/bench` on ") and " cores, " in text.splitlines()[0]
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="a row worker needs fork")
