@@ -374,11 +374,15 @@ class _Flusher:
         least `cost_ratio` times as long as the last flush took, so that flushing costs at most
         1 / cost_ratio of the study's time however many runs it holds.
 
+    `seconds` is TensorBoard's own default reload interval (5 s): flushing more often shows nothing
+    sooner, and a round costs a file open per run (0.6 ms each on the 2-core machine, 0.12 s for 200
+    runs); at 2 s a study of a few seconds paid a round in the middle of its training for nothing.
+
     A process that dies loses what waits; its runs have no completed summary, so --resume trains
     them again from a fresh event file anyway.
     """
 
-    def __init__(self, writers: list[EventWriter], max_bytes: int = 64 << 20, seconds: float = 2.0,
+    def __init__(self, writers: list[EventWriter], max_bytes: int = 64 << 20, seconds: float = 5.0,
                  cost_ratio: float = 20.0):
         self.writers, self.max_bytes, self.seconds, self.cost_ratio = writers, max_bytes, seconds, cost_ratio
         self.last, self.cost = time.monotonic(), 0.0
