@@ -73,14 +73,33 @@ def test_sweep_goes_on_past_a_diverged_run(tmp_path):
 # -------------------------------------------------------------------------------------------- interruption
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_sweep_keeps_finished_runs_and_resume_completes_the_rest(tmp_path, sig):
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds `marker` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
+@pytest.mark.parametrize("sig,worker", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_interrupted_sweep_keeps_finished_runs_and_resume_completes_the_rest(tmp_path, sig, worker):
     # Two populations (different step counts): the short one finishes, the long one is interrupted.
+    # worker: the log rows on a forked worker (LAB_ROW_WORKER=1), and the signal sent to the whole process
+    # group as a terminal's Ctrl-C is: the worker ignores it, the sweep stops as without one, and no
+    # process is left behind (the worker carries a marker in its environment, inherited at the fork).
+    if worker and not (sys.platform == "linux" and hasattr(os, "fork")):
+        pytest.skip("a row worker needs fork (Linux)")
     cfg = toml(tmp_path, 'name = "sw"\ndevice = "cpu"\n[train]\nfigures = false\nlog_every = 10\n'
                          '[data]\nn = 32\nn_val = 8\n[sweep]\n"train.steps" = [20, 200000]\n')
     runs = tmp_path / "runs"
+    marker = f"LAB_TEST_MARK={os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, "LAB_ROW_WORKER": "1" if worker else "0", marker.split("=")[0]: marker.split("=")[1]}
     proc = subprocess.Popen([*LAB, "sweep", str(cfg), "--runs-dir", str(runs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=worker)
     try:
         deadline = time.time() + 90
         # Wait until the long run has written its first scalars (the first flush of 50 log steps).
@@ -91,12 +110,17 @@ def test_interrupted_sweep_keeps_finished_runs_and_resume_completes_the_rest(tmp
             time.sleep(0.2)
         else:
             pytest.fail("the long run never logged")
-        proc.send_signal(sig)
+        if worker:
+            assert len(_processes_with(marker)) == 2  # the sweep and its row worker
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "worker" not in err  # no fall-back either
+    assert _processes_with(marker) == []
     dirs = {d.name: rundir.read_summary(d) for d in rundir.find_runs(runs / "sw")}
     short = next(s for n, s in dirs.items() if "steps20" in n)
     long = next((n, s) for n, s in dirs.items() if "steps200000" in n)
