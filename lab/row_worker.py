@@ -42,6 +42,7 @@ import select
 import signal
 import struct
 import sys
+import threading
 import warnings
 
 import torch
@@ -90,7 +91,7 @@ class Rows:
     A row counts as submitted once `submit` has registered it, in one list append: a Ctrl-C (a
     KeyboardInterrupt anywhere in the loop) before that leaves no trace of it, after it the row is
     collected like any other. The bookkeeping of requests and answers runs with SIGINT and SIGTERM held
-    back (`_signals_held`), so that an interrupt never splits a message from the record of it.
+    back (`_Gate`), so that an interrupt never splits a message from the record of it.
     """
 
     def __init__(self, pop, P: torch.Tensor, capacity: int, worker: bool):
@@ -99,7 +100,7 @@ class Rows:
         self.sent = 0  # rows[:sent] were sent to the worker
         self.done: set[int] = set()  # rows (indices into self.rows) the worker has answered
         self.held: dict[int, int] = {}  # slot -> the unanswered row that holds it
-        self.pid = None
+        self.pid, self.gate = None, _Gate(install=worker)
         if not worker:
             return
         if P.device.type != "cpu":
@@ -118,17 +119,18 @@ class Rows:
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         try:
-            with warnings.catch_warnings(), _signals_held():
+            with warnings.catch_warnings(), self.gate.held():
                 # Python 3.12+ warns about fork() in a process with threads: PyTorch's intra-op pool may
                 # have threads, and the child uses none of them (one thread, no locks the parent could hold).
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
-                if pid == 0:  # the worker (its signals still held): never returns into the caller's code
+                if pid == 0:  # the worker (signals held back by the gate): never returns into the caller's code
                     _serve(pop, self.e, self.psi, self.P, self.out, requests_r, replies_w,
                            (self.requests, self.replies))
         except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): the rows are computed in the loop
             for fd in (requests_r, self.requests, self.replies, replies_w):
                 os.close(fd)
+            self.gate.restore()
             print(f"lab: no log-row worker ({exc}); computing log rows in the training process", file=sys.stderr)
             return
         os.close(requests_r)
@@ -152,7 +154,7 @@ class Rows:
             self.rows.append((raw, step, None))
             return
         self.P[self.slot].copy_(P)
-        with _signals_held():
+        with self.gate.held():
             self.held[self.slot] = len(self.rows)
             self.rows.append((raw, step, self.slot))  # from here on the row is the worker's
             # Requests go in pairs where the ring allows: each wakes the sleeping worker, and a wake-up
@@ -168,7 +170,7 @@ class Rows:
     def collect(self) -> tuple[list[log_row.RawRow], list[int]]:
         """The rows submitted since the last `clear`, each with its sums [row_sums_size, N], and their steps."""
         if self.pid is not None:
-            with _signals_held():
+            with self.gate.held():
                 self._send()
             while self.pid is not None and len(self.done) < len(self.rows):
                 self._wait()
@@ -180,11 +182,12 @@ class Rows:
 
     def clear(self) -> None:
         """Forget the collected rows, once they are logged (a Ctrl-C before that: they are collected again)."""
-        with _signals_held():
+        with self.gate.held():
             self.rows, self.sent, self.done, self.held = [], 0, set(), {}
 
     def close(self) -> None:
-        """End the worker (it exits when its pipe of requests closes) and reap it."""
+        """End the worker (it exits when its pipe of requests closes), reap it, and give the signals back."""
+        self.gate.restore()
         if self.pid is None:
             return
         pid, self.pid = self.pid, None
@@ -214,7 +217,7 @@ class Rows:
             os.kill(self.pid, signal.SIGKILL)
             self._fall_back(f"it sent no answer for {TIMEOUT_S:g} s")
             return
-        with _signals_held():
+        with self.gate.held():
             try:
                 answers = os.read(self.replies, 4096)  # whole answers: each write of one is atomic
             except BlockingIOError:
@@ -242,15 +245,56 @@ class Rows:
         self.held.clear()
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM wait (blocked, not lost) until the block ends; then their handlers run."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+class _Gate:
+    """Holds SIGINT and SIGTERM back while the loop's bookkeeping with the worker runs, then passes them on.
+
+    Blocking the signals (pthread_sigmask) is not enough: a mask is per thread, the kernel hands a
+    process's signal to any thread that does not block it (PyTorch's intra-op pool has threads), and
+    Python then raises KeyboardInterrupt in the main thread at its next bytecode, inside the bookkeeping
+    all the same (seen as answers lost in the full test suite). A Python handler always runs in the main
+    thread: while `held`, this one notes the signal, and passes it to the handler it replaced when the
+    block ends; otherwise it passes signals straight on. Installed from the main thread only (elsewhere
+    no signal can interrupt the loop), and only with a worker (a row in the loop has no bookkeeping
+    to split); `restore` puts the replaced handlers back.
+    """
+
+    def __init__(self, install: bool = True):
+        self.depth, self.caught, self.previous = 0, [], {}
+        if install and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.depth:
+            self.caught.append(signum)
+        else:
+            self._pass_on(signum, frame)
+
+    def _pass_on(self, signum, frame) -> None:
+        handler = self.previous.get(signum, signal.SIG_DFL)
+        if callable(handler):
+            handler(signum, frame)  # Python's default for SIGINT raises KeyboardInterrupt; lab.study's stops
+        elif handler != signal.SIG_IGN:  # SIG_DFL, or None (set outside Python): the default action
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.caught:
+                signum = self.caught[-1]
+                self.caught.clear()
+                self._pass_on(signum, None)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            if signal.getsignal(signum) == self._on_signal:  # (unless someone replaced it since)
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
 
 
 def _shared(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -279,7 +323,7 @@ def _release_free_memory() -> None:
 
 def _serve(pop, e, psi, P, out, requests: int, replies: int, parent_ends: tuple[int, int]) -> None:
     """The worker's loop: a slot and a row index in, the row's sums into `out`, the index back, until the
-    pipe of requests closes. Entered with SIGINT and SIGTERM held; never returns."""
+    pipe of requests closes. Entered with SIGINT and SIGTERM held back (the parent's _Gate); never returns."""
     status = 1
     try:
         for fd in parent_ends:
@@ -288,7 +332,6 @@ def _serve(pop, e, psi, P, out, requests: int, replies: int, parent_ends: tuple[
         # them (it stops at a flush, after collecting its rows), and this process ends when it closes the pipe.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         torch.set_num_threads(1)
         _release_free_memory()
         while True:
