@@ -184,7 +184,7 @@ def test_ctrl_c_in_the_training_process_ends_the_runs_interrupted_with_their_row
     # as their write returns, as answers are read (signals held: it lands once they are recorded; else
     # they would be lost and the loop would wait TIMEOUT_S for them, then fall back), while the loop
     # waits for an answer, or in a row computed in the loop.
-    monkeypatch.setattr(row_worker, "TIMEOUT_S", 3.0)
+    monkeypatch.setattr(row_worker, "TIMEOUT_S", 10.0)  # (a lost answer would cost this wait, then a fall-back)
     cfgs = _cfgs(**{"train.log_every": 1, "train.steps": 60})
     count = [0]
 
