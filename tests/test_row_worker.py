@@ -114,67 +114,34 @@ def test_a_slow_worker_fills_the_ring_and_the_loop_waits(monkeypatch, capfd):
 
 
 @needs_fork
-def test_a_killed_worker_loses_no_row(monkeypatch, capfd):
-    # The worker dies at its 10th row with rows outstanding: the loop computes them from their slots.
-    cfgs = _cfgs()
-    submit, count = row_worker.Rows.submit, [0]
-
-    def kill_at_ten(self, raw, P, step):
-        count[0] += 1
-        if count[0] == 10 and self.pid is not None:
-            os.kill(self.pid, signal.SIGKILL)
-        submit(self, raw, P, step)
-
-    monkeypatch.setattr(row_worker.Rows, "submit", kill_at_ten)
-    killed = _train(cfgs, worker=True)
-    monkeypatch.setattr(row_worker.Rows, "submit", submit)
-    _assert_same(killed, _train(cfgs, worker=False))
-    err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "log-row worker stopped" in err[0]
-
-
-@needs_fork
-def test_a_worker_that_stops_answering_is_replaced_by_the_loop(monkeypatch, capfd):
-    # SIGSTOP freezes the worker mid-training; after TIMEOUT_S without an answer it is killed and reaped.
-    monkeypatch.setattr(row_worker, "TIMEOUT_S", 0.5)
+@pytest.mark.parametrize("sig,at,expected", [
+    # killed with rows outstanding: the loop computes them from their slots
+    (signal.SIGKILL, 10, "log-row worker stopped (it exited"),
+    # frozen: after TIMEOUT_S without an answer the loop kills it, reaps it and computes the rest
+    (signal.SIGSTOP, 5, "log-row worker stopped (it sent no answer for 0.5 s"),
+    # Ctrl-C reaches the whole process group; the training process decides when to stop, not the worker
+    (signal.SIGINT, 3, None),
+])
+def test_what_befalls_the_worker_loses_no_row(monkeypatch, capfd, sig, at, expected):
+    if sig == signal.SIGSTOP:  # (elsewhere the usual 60 s: a slow spell of the machine is no silence)
+        monkeypatch.setattr(row_worker, "TIMEOUT_S", 0.5)
     pids = _spy_pids(monkeypatch)
     cfgs = _cfgs()
     submit, count = row_worker.Rows.submit, [0]
 
-    def freeze_at_five(self, raw, P, step):
+    def signal_worker(self, raw, P, step):  # before the `at`-th row is submitted
         count[0] += 1
-        if count[0] == 5 and self.pid is not None:
-            os.kill(self.pid, signal.SIGSTOP)
+        if count[0] == at and self.pid is not None:
+            os.kill(self.pid, sig)
         submit(self, raw, P, step)
 
-    monkeypatch.setattr(row_worker.Rows, "submit", freeze_at_five)
-    frozen = _train(cfgs, worker=True)
+    monkeypatch.setattr(row_worker.Rows, "submit", signal_worker)
+    hit = _train(cfgs, worker=True)
     monkeypatch.setattr(row_worker.Rows, "submit", submit)
-    _assert_same(frozen, _train(cfgs, worker=False))
+    _assert_same(hit, _train(cfgs, worker=False))
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "sent no answer for 0.5 s" in err[0]
+    assert err == [] if expected is None else (len(err) == 1 and expected in err[0])
     assert _reaped(pids[0])
-
-
-@needs_fork
-def test_the_worker_ignores_ctrl_c_and_ends_with_the_training(monkeypatch, capfd):
-    # Ctrl-C reaches the whole process group; the training process decides when to stop, not the worker.
-    pids = _spy_pids(monkeypatch)
-    cfgs = _cfgs()
-    submit, count = row_worker.Rows.submit, [0]
-
-    def interrupt_worker(self, raw, P, step):
-        count[0] += 1
-        if count[0] == 3:
-            os.kill(self.pid, signal.SIGINT)
-        submit(self, raw, P, step)
-
-    monkeypatch.setattr(row_worker.Rows, "submit", interrupt_worker)
-    interrupted = _train(cfgs, worker=True)
-    monkeypatch.setattr(row_worker.Rows, "submit", submit)
-    _assert_same(interrupted, _train(cfgs, worker=False))
-    assert _reaped(pids[0])
-    assert capfd.readouterr().err == ""  # it went on answering
 
 
 @needs_fork
@@ -243,7 +210,7 @@ def test_ctrl_c_in_the_training_process_ends_the_runs_interrupted_with_their_row
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the gate gave it back
     assert {r.status for r in res} == {"interrupted"}
     steps = np.concatenate([b.steps for b in blocks])
-    assert steps.tolist() == list(range(len(steps))) and 3 <= len(steps) <= 12  # every row up to the stop
+    assert steps.tolist() == list(range(len(steps))) and 3 <= len(steps) < 61  # every row up to the stop, not after
     assert np.isfinite(np.concatenate([b.values for b in blocks])[:, :4]).all()  # with its sums
     if pids[0] is not None:
         assert _reaped(pids[0])
