@@ -43,6 +43,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import warnings
 
 import torch
@@ -192,7 +193,13 @@ class Rows:
             return
         pid, self.pid = self.pid, None
         os.close(self.requests)  # the worker answers what it is computing, then reads the end
-        os.waitpid(pid, 0)
+        deadline = time.monotonic() + TIMEOUT_S
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):  # (a worker that hangs must not hang the training)
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.001)
         os.close(self.replies)
 
     def _free(self) -> list[int]:

@@ -283,3 +283,24 @@ def test_rows_without_a_worker_refuse_more_rows_than_a_flush_holds_and_wait_to_b
     assert rows.collect()[1] == [0, 1]  # until they are cleared (logged)
     rows.clear()
     assert rows.collect() == ([], []) and len(rows) == 0
+
+
+@needs_fork
+def test_closing_does_not_wait_forever_for_a_frozen_worker(monkeypatch):
+    # A worker stopped (SIGSTOP) when the training ends: close() waits TIMEOUT_S for it to exit, then kills
+    # and reaps it, instead of hanging the training process.
+    monkeypatch.setattr(row_worker, "TIMEOUT_S", 0.3)
+    cfgs = sorted(_cfgs(), key=lambda c: c.loss.name)  # in loss order, as lab.trainer lays runs out
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    pop, P, *_ = population.build(cfgs, datasets, torch.device("cpu"), torch.float32)
+    rows = row_worker.Rows(pop, P, capacity=4, worker=True)
+    m, flat, _, _ = pop.terms(keep=True)
+    rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P, 0)
+    (raw,), _ = rows.collect()
+    assert raw.sums is not None and rows.pid is not None
+    pid = rows.pid
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    rows.close()
+    assert 0.3 <= time.monotonic() - started < 10
+    assert _reaped(pid) and rows.pid is None
