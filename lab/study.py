@@ -375,8 +375,8 @@ class _Flusher:
         1 / cost_ratio of the study's time however many runs it holds.
 
     `seconds` is TensorBoard's own default reload interval (5 s): flushing more often shows nothing
-    sooner, and a round costs a file open per run (0.6 ms each on the 2-core machine, 0.12 s for 200
-    runs); at 2 s a study of a few seconds paid a round in the middle of its training for nothing.
+    sooner, and a round costs a file open and write per run (~0.2 ms each on the 2-core machine, under
+    cProfile); at 2 s a study of a few seconds paid a round in the middle of its training for nothing.
 
     A process that dies loses what waits; its runs have no completed summary, so --resume trains
     them again from a fresh event file anyway.
