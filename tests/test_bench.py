@@ -46,17 +46,6 @@ def test_a_study_process_reports_its_row_worker(tmp_path):
     assert forced["worker_private_mb"] > 0 and none["worker_private_mb"] == 0
 
 
-@pytest.mark.parametrize("speedup,every,expect_missed", [(60.0, 0.2, []), (40.0, 0.2, ["speedup"]),
-                                                         (60.0, 0.9, ["every-step logging overhead"])])
-def test_targets_are_reported_as_met_or_missed(speedup, every, expect_missed):
-    fig = {"speedup": speedup, "logging_overhead_default": 0.05, "logging_overhead_every_step": every,
-           "single_run_ratio": 0.4, "scale_10k_s": 250.0}
-    met, missed = bench.targets_met(fig)
-    assert [m.split(" (")[0] for m in missed] == expect_missed
-    assert len(met) + len(missed) == 5
-    assert all("vs" in m for m in met + missed)
-
-
 def test_bad_arguments_are_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--seeds", "many"])

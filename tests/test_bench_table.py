@@ -1,0 +1,29 @@
+"""lab.bench_table: the benchmark's figures as the README's table, and the issue's targets."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lab import bench_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_saved_cpu_table_is_the_rendering_of_the_saved_figures():
+    # experiments/bench/cpu.md (in the README) must be what the saved cpu.json renders to: the table
+    # cannot drift from the measured figures. (cuda.md came from an earlier version of the table.)
+    fig = json.loads((ROOT / "experiments/bench/cpu.json").read_text())
+    assert bench_table.markdown(fig) == (ROOT / "experiments/bench/cpu.md").read_text()
+    assert (ROOT / "experiments/bench/cpu.md").read_text().strip() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("speedup,every,expect_missed", [(60.0, 0.2, []), (40.0, 0.2, ["speedup"]),
+                                                         (60.0, 0.9, ["every-step logging overhead"])])
+def test_targets_are_reported_as_met_or_missed(speedup, every, expect_missed):
+    fig = {"speedup": speedup, "logging_overhead_default": 0.05, "logging_overhead_every_step": every,
+           "single_run_ratio": 0.4, "scale_10k_s": 250.0}
+    met, missed = bench_table.targets_met(fig)
+    assert [m.split(" (")[0] for m in missed] == expect_missed
+    assert len(met) + len(missed) == 5
+    assert all("vs" in m for m in met + missed)
