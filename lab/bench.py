@@ -47,8 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# The issue's targets and the figures' Markdown table (also for tests and scripts/readme as lab.bench.*)
-from lab.bench_table import TARGETS, markdown, targets_met  # noqa: F401
+from lab.bench_table import markdown  # the figures as the README's table, with the issue's targets
 
 LOSSES = ("mse", "mae", "huber", "log_cosh", "quantile")
 DATASETS = ("clean", "outliers", "heavy_tailed", "skewed")
@@ -361,8 +360,8 @@ def _say(text: str) -> None:
 def _measure(args, root: Path, save) -> dict:
     flat, sweep = study_flat(args.device, args.steps), study_sweep(args.seeds)
     n_runs = len(LOSSES) * len(DATASETS) * args.seeds
-    # The three logging modes take turns, repeat after repeat, so that a slow spell of a shared machine
-    # falls on all of them rather than on one; each mode's best repeat counts.
+    # The logging modes take turns, repeat after repeat, so that a slow spell of a shared machine falls on
+    # all of them rather than on one; the overheads are medians of each repeat's paired figures (`paired`).
     # On a CPU, also with every log row computed in the training process (LAB_ROW_WORKER=0): what the
     # row worker (lab.row_worker) buys. On a GPU no worker runs, so those modes would repeat the others.
     modes = [("off", 0, None), ("every_step", 1, None)]
@@ -383,15 +382,18 @@ def _measure(args, root: Path, save) -> dict:
     best = {name: min(runs, key=lambda r: r["execute_s"]) for name, runs in tries.items()}
     tries["default"] = labs
 
-    def overhead(name: str) -> float:
-        # The median over repeats of each repeat's own ratio: the modes of one repeat run back to back,
-        # so a slow spell of a shared machine weighs on both sides of a ratio, where the best of each
-        # mode taken apart may come from different spells (on the 2-core machine that moved the
-        # every-step figure by up to 40 points between benchmarks).
-        return statistics.median(t["execute_s"] / o["execute_s"] - 1 for t, o in zip(tries[name], tries["off"]))
+    def paired(name: str, of) -> float:
+        # The median over repeats of of(mode's run, logging-off run) within each repeat: the modes of one
+        # repeat run back to back, so a slow spell of a shared machine weighs on both sides, where the
+        # best of each mode taken apart may come from different spells (on the 2-core machine that moved
+        # the every-step figure by up to 40 points between benchmarks).
+        return statistics.median(of(t, o) for t, o in zip(tries[name], tries["off"]))
 
-    def seconds(name: str, part: str) -> float:  # what logging adds to a part of the study, median of repeats
-        return statistics.median(t[part] - o[part] for t, o in zip(tries[name], tries["off"]))
+    def overhead(name: str) -> float:  # relative, on the study's in-process time
+        return paired(name, lambda t, o: t["execute_s"] / o["execute_s"] - 1)
+
+    def seconds(name: str, part: str) -> float:  # what logging adds to a part of the study
+        return paired(name, lambda t, o: t[part] - o[part])
 
     _say(f"baseline: the usual loop on {max(args.baseline_runs, 10)} runs")
     runs = study_runs(flat, sweep)

@@ -52,7 +52,7 @@ from lab import log_row
 
 # Populations with fewer [run, point] values than this compute their rows in the loop: a row of a
 # single run of 1000 points is ~0.15 ms of op overhead, less than the messages and the slot copy cost
-# over a whole run, and the fork (~5 ms for the study process) would not pay.
+# over a whole run, and the fork (~10 ms for the study process) would not pay.
 MIN_ELEMENTS = 1 << 15
 # The slots together hold at most this many bytes (e and psi, each [N, n, k]); at least two slots, so
 # that the step writes one while the worker reads the other (10,000 runs x 1000 points: two slots, 160 MB).
@@ -100,7 +100,7 @@ class Rows:
         self.rows: list[tuple[log_row.RawRow, int, int | None]] = []  # (row, step, slot) since the last collect
         self.sent = 0  # rows[:sent] were sent to the worker
         self.done: set[int] = set()  # rows (indices into self.rows) the worker has answered
-        self.held: dict[int, int] = {}  # slot -> the unanswered row that holds it
+        self.slot_rows: dict[int, int] = {}  # slot -> the unanswered row that holds it
         self.pid, self.gate = None, _Gate(install=worker)
         if not worker:
             return
@@ -156,7 +156,7 @@ class Rows:
             return
         self.P[self.slot].copy_(P)
         with self.gate.held():
-            self.held[self.slot] = len(self.rows)
+            self.slot_rows[self.slot] = len(self.rows)
             self.rows.append((raw, step, self.slot))  # from here on the row is the worker's
             # Requests go in pairs where the ring allows: each wakes the sleeping worker, and a wake-up
             # across cores costs as much as a few hundred tensor ops' overhead on a virtual machine.
@@ -184,7 +184,7 @@ class Rows:
     def clear(self) -> None:
         """Forget the collected rows, once they are logged (a Ctrl-C before that: they are collected again)."""
         with self.gate.held():
-            self.rows, self.sent, self.done, self.held = [], 0, set(), {}
+            self.rows, self.sent, self.done, self.slot_rows = [], 0, set(), {}
 
     def close(self) -> None:
         """End the worker (it exits when its pipe of requests closes), reap it, and give the signals back."""
@@ -204,7 +204,7 @@ class Rows:
 
     def _free(self) -> list[int]:
         """Slots no unanswered row holds."""
-        return [s for s in range(self.slots) if s not in self.held]
+        return [s for s in range(self.slots) if s not in self.slot_rows]
 
     def _send(self) -> None:
         """Write the requests not yet sent (signals held by the caller)."""
@@ -234,7 +234,7 @@ class Rows:
                 return
             for (i,) in _REPLY.iter_unpack(answers):
                 self.done.add(i)
-                del self.held[self.rows[i][2]]
+                del self.slot_rows[self.rows[i][2]]
 
     def _fall_back(self, why: str) -> None:
         """The worker is gone: the rows it had not answered are computed in the loop, from their slots, and
@@ -249,7 +249,7 @@ class Rows:
         for i, (raw, _, slot) in enumerate(self.rows):  # now: the next step may write any of their slots
             if i not in self.done:
                 raw.sums = log_row.row_sums(self.pop, self.e[slot], self.psi[slot], self.P[slot])
-        self.held.clear()
+        self.slot_rows.clear()
 
 
 class _Gate:
