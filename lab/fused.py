@@ -39,37 +39,37 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(_flat(a), _flat(b))
 
 
-def _mse(e: Tensor) -> tuple[Tensor, Tensor]:
-    return e + e, _dot(e, e)
+def _mse(e: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return torch.add(e, e, out=out), _dot(e, e)
 
 
-def _mae(e: Tensor) -> tuple[Tensor, Tensor]:
-    psi = e.sign()
+def _mae(e: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    psi = torch.sign(e, out=out)
     return psi, _dot(psi, e)
 
 
-def _quantile(e: Tensor, tau=0.5) -> tuple[Tensor, Tensor]:
+def _quantile(e: Tensor, tau=0.5, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if isinstance(tau, Tensor):  # [k] levels, or [B, 1, k] per run
-        psi = torch.add(0.5 - tau.to(e.dtype), e.sign(), alpha=0.5)
+        psi = torch.add(0.5 - tau.to(e.dtype), e.sign(), alpha=0.5, out=out)
     else:
-        psi = e.sign().mul_(0.5).add_(0.5 - tau)
+        psi = torch.sign(e, out=out).mul_(0.5).add_(0.5 - tau)
     return psi, _dot(psi, e)
 
 
-def _huber(e: Tensor, delta=1.0) -> tuple[Tensor, Tensor]:
+def _huber(e: Tensor, delta=1.0, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     d = losses._param(delta, e)
-    psi = e.clamp(min=-d, max=d) if isinstance(d, Tensor) else e.clamp(-d, d)
+    psi = torch.clamp(e, min=-d, max=d, out=out) if isinstance(d, Tensor) else torch.clamp(e, -d, d, out=out)
     return psi, _dot(psi, torch.add(e, psi, alpha=-0.5))
 
 
-def _expectile(e: Tensor, tau=0.5) -> tuple[Tensor, Tensor]:
+def _expectile(e: Tensor, tau=0.5, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     t = losses._param(tau, e)
     w2 = (e > 0).to(e.dtype).mul_(2 - 4 * t).add_(2 * t)  # 2 w
-    psi = w2.mul_(e)
+    psi = w2.mul_(e) if out is None else torch.mul(w2, e, out=out)
     return psi, 0.5 * _dot(psi, e)
 
 
-def _log_cosh(e: Tensor) -> tuple[Tensor, Tensor]:
+def _log_cosh(e: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """psi = tanh(e) and log cosh(e) from one exp and one log (float32 tanh and log1p are scalar
     loops on CPUs). The value is `losses.log_cosh`'s two forms, log1p(2 sinh(|e|/2)^2) below |e| = 1
     and |e| + log1p(exp(-2|e|)) - log 2 above, merged into a single log1p of the selected argument."""
@@ -91,7 +91,7 @@ def _log_cosh(e: Tensor) -> tuple[Tensor, Tensor]:
     # tanh|e| = (1 - t) / (1 + t) cancels for small |e| (1 - t loses the digits of 2|e|); below |e| = 1 it is
     # 2 s sqrt(1 + s^2) / (1 + 2 s^2) from s = sinh(|e|/2), accurate to a few ulps down to denormals.
     small_tanh = (s * (s * s + 1.0).sqrt_()).mul_(2.0).div_(two_s2 + 1.0)
-    psi = torch.copysign(torch.lerp(small_tanh, (1.0 - t).div_(t + 1.0), large), e)
+    psi = torch.copysign(torch.lerp(small_tanh, (1.0 - t).div_(t + 1.0), large), e, out=out)
     w = torch.lerp(two_s2, t, large)
     v = w + 1.0
     # log1p(w) = log(v) - ((v - 1) - w) / v: the second term undoes the rounding of v = 1 + w
@@ -104,7 +104,8 @@ _FUSED: dict[str, Callable] = {"mse": _mse, "rmse": _mse, "mae": _mae, "quantile
 
 
 def residual_terms(spec: losses.LossSpec) -> Callable[..., tuple[Tensor, Tensor]]:
-    """f(e, **params) -> (psi [B, n, k], per-run sum of the loss over points and outputs [B]), e = pred - target.
+    """f(e, out=None, **params) -> (psi [B, n, k], per-run sum of the loss over points and outputs [B]),
+    e = pred - target; psi is written into `out` where one is given (a row step's buffer: no copy after).
 
     The loss's own fused form where there is one, else spec.psi and spec.fn evaluated at (e, 0).
     """
@@ -112,8 +113,9 @@ def residual_terms(spec: losses.LossSpec) -> Callable[..., tuple[Tensor, Tensor]
     if fused is not None:
         return fused
 
-    def terms(e: Tensor, **params) -> tuple[Tensor, Tensor]:
+    def terms(e: Tensor, out: Tensor | None = None, **params) -> tuple[Tensor, Tensor]:
         zero = torch.zeros((), dtype=e.dtype, device=e.device)
-        return spec.psi(e, zero, **params), _flat(spec.fn(e, zero, **params)).sum(1)
+        psi = spec.psi(e, zero, **params)
+        return psi if out is None else out.copy_(psi), _flat(spec.fn(e, zero, **params)).sum(1)
 
     return terms

@@ -144,23 +144,24 @@ class Population:
         for blk in self.blocks:
             xb = blk.x if x is None else x[blk.runs]
             target = blk.y3 if y3 is None else y3[blk.runs]
-            e_out = self.row_e[blk.runs] if keep else None
+            e_out, psi_out = (self.row_e[blk.runs], self.row_psi[blk.runs]) if keep else (None, None)
             if self.model.kind in ("linear", "constant"):
-                block_terms = _compiled(blk.spec, self.model.kind) if self.compiled else _block_terms
-                value, weight_grad, bias_grad, e, psi = block_terms(blk.terms, self.model.kind, blk.named, xb,
-                                                                    target, blk.params, e_out)
+                if self.compiled:  # (writes neither buffer: copied below)
+                    value, weight_grad, bias_grad, e, psi = _compiled(blk.spec, self.model.kind)(
+                        blk.terms, self.model.kind, blk.named, xb, target, blk.params)
+                else:
+                    value, weight_grad, bias_grad, e, psi = _block_terms(blk.terms, self.model.kind, blk.named, xb,
+                                                                         target, blk.params, e_out, psi_out)
                 if weight_grad is not None:
                     weight_grads.append(weight_grad)
                 bias_grads.append(bias_grad)
             else:
                 e = torch.sub(self.forward(blk.named, xb), target, out=e_out)
-                psi, value = blk.terms(e, **blk.params)
+                psi, value = blk.terms(e, out=psi_out, **blk.params)
                 value = value / (e.shape[1] * e.shape[2])
                 flats.append(self.shapes.flat(self.model.vjp(blk.named, xb, psi)))
-            if keep:  # while the block is in cache
-                if e.data_ptr() != e_out.data_ptr():  # (a compiled step returns its own tensors)
-                    e = e_out.copy_(e)
-                psi = self.row_psi[blk.runs].copy_(psi)
+            if keep and e.data_ptr() != e_out.data_ptr():  # a compiled step returns its own tensors
+                e, psi = e_out.copy_(e), psi_out.copy_(psi)
             values.append(value)
             resids.append(e)
             psis.append(psi)
@@ -180,15 +181,16 @@ class Population:
         return loss, torch.where(self.root, torch.where(positive, 0.5 / sq, 0.0), 1.0)
 
 
-def _block_terms(terms, kind: str, named: dict, x, target, params, e_out=None):
+def _block_terms(terms, kind: str, named: dict, x, target, params, e_out=None, psi_out=None):
     """One block of a linear or constant model: (mean loss [B], d/dweight [B, k] or None, d/dbias [B, k],
     residuals e = pred - target and psi [B, b, k]); the gradients are sums over points (not yet divided
-    by b * k). terms: the block loss's lab.fused.residual_terms; e_out: where to write e (or None)."""
+    by b * k). terms: the block loss's lab.fused.residual_terms; e_out, psi_out: where to write e and psi
+    (or None), a row step's buffers: written in place, not copied there afterwards."""
     if kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
         e = torch.mul(x, named["weight"].transpose(1, 2), out=e_out).add_(named["bias"][:, None, :]).sub_(target)
     else:  # [B, b, k]: the constant's value broadcast over points
         e = torch.sub(named["value"][:, None, :], target, out=e_out)
-    psi, value_sum = terms(e, **params)
+    psi, value_sum = terms(e, out=psi_out, **params)
     # d/dw = sum_i psi_i x_i, d/db = sum_i psi_i (per output); the constant's value is a bias
     weight_grad = torch.linalg.vecdot(psi, x, dim=1) if kind == "linear" else None
     return value_sum / (e.shape[1] * e.shape[2]), weight_grad, psi.sum(1), e, psi
@@ -207,7 +209,7 @@ def _compiled(spec, kind: str):
     """
     key = (spec.name, kind)
     if key not in _COMPILED:
-        def terms(terms_, kind_, named, x, target, params, e_out=None):  # e_out: copied by the caller
+        def terms(terms_, kind_, named, x, target, params):  # the row buffers: copied by the caller
             return _block_terms(fused.residual_terms(spec), kind, named, x, target, params)
 
         _COMPILED[key] = torch.compile(terms, dynamic=True)

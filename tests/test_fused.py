@@ -55,6 +55,26 @@ def test_psi_and_sum_match_the_loss(case, dtype):
     assert total.dtype == dtype and psi.shape == e.shape
 
 
+@pytest.mark.parametrize("case", CASES + [("quantile", {"tau": torch.tensor([0.1, 0.9], dtype=F64)}),
+                                  ("huber", {"delta": torch.tensor([0.5, 1.0, 2.0], dtype=F64).view(3, 1, 1)})],
+                         ids=lambda c: c[0] + ("-tensor" if any(isinstance(v, torch.Tensor) for v in c[1].values()) else ""))
+def test_psi_written_into_a_given_buffer_is_the_same_psi(case):
+    # A row step hands each block a slice of its row buffer (lab.population): psi goes there in place,
+    # bit for bit the psi returned without one, and the loss sum does not change.
+    name, params = case
+    e = residuals(F64)
+    if name == "quantile" and isinstance(params.get("tau"), torch.Tensor):
+        e = e.expand(-1, -1, 2).contiguous()  # two quantile levels: two outputs
+    terms = fused.residual_terms(L.spec(name))
+    psi, total = terms(e, **params)
+    buffer = torch.full((5, *e.shape[1:]), float("nan"), dtype=F64)
+    out = buffer[1:4]  # a view inside a larger buffer, as a block's slice of the row buffer
+    psi_out, total_out = terms(e, out=out, **params)
+    assert psi_out.data_ptr() == out.data_ptr()
+    assert torch.equal(out, psi) and torch.equal(total_out, total)
+    assert buffer[0].isnan().all() and buffer[4].isnan().all()  # nothing written outside the slice
+
+
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 def test_log_cosh_keeps_relative_accuracy_for_tiny_residuals(dtype):
     """Near 0, log cosh e = e^2/2 - e^4/12 + e^6/45 - 17 e^8/2520 + O(e^10) (its Taylor series): the sum of

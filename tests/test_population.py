@@ -74,7 +74,7 @@ def test_a_compiled_step_fills_the_row_buffers_too(monkeypatch):
     # for torch.compile (minutes and a C++ compiler): the eager block step behind a function that
     # returns fresh tensors, as a compiled one does. Reference: the eager training, every logged number.
     def fresh(spec, kind):
-        def terms(terms_, kind_, named, x, target, params, e_out=None):
+        def terms(terms_, kind_, named, x, target, params):
             return tuple(t.clone() if t is not None else None
                          for t in population._block_terms(terms_, kind_, named, x, target, params))
         return terms
