@@ -22,6 +22,9 @@ every 10 steps, histograms every 200. Measured:
   to show what the row worker on the second core (lab.row_worker) buys.
 - single run: one run as a population of one (lab.trainer.train) against the hand-written minimal
   loop (lab.usual_loop.minimal: nn.Linear, loss, backward, SGD step; no logging), per loss.
+- second core (CPU): the population trained with logging off, alone and beside a process that
+  computes log rows on the other core, in turns: what a busy row worker costs the training process
+  on this machine, whatever is moved to it.
 - scale: 10,000 runs of the same kind (500 seeds), fully logged, each with its own run directory.
 
 `python -m lab.bench --out bench.json --markdown bench.md` writes the figures as JSON and as a
@@ -263,6 +266,54 @@ def compiled_population(flat: dict, sweep: dict) -> dict:
     return {"eager_s": eager, "compiled_first_s": first, "compiled_s": second}
 
 
+def second_core(flat: dict, sweep: dict, pairs: int = 3) -> dict | None:
+    """How much slower the 200-run population trains (logging off, in this process) while another
+    process computes log rows on the second core, as a row worker busy at every step does
+    (lab.row_worker): what using the second core costs the first on this machine. Cores that share
+    nothing cost nothing; virtual cores that share one physical core, or a clock that drops when both
+    run, cost the training that much however the work is split. None without a second core or fork."""
+    import warnings
+
+    import torch
+
+    from lab import config, data, log_row, population, row_worker, trainer
+
+    if row_worker._cores() < 2 or not hasattr(os, "fork") or flat["device"] != "cpu":
+        return None
+    cfgs = [r.config for r in study_runs({**flat, "train.log_every": 0}, sweep)]
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    by_loss = sorted(range(len(cfgs)), key=lambda i: cfgs[i].loss.name)  # the layout lab.trainer uses
+    pop, P, *_ = population.build([cfgs[i] for i in by_loss], [datasets[i] for i in by_loss],
+                                  torch.device("cpu"), torch.float32)
+    pop.terms(keep=True)  # a row step's e and psi, for the rows of the busy process
+
+    def train() -> float:
+        return _timed(lambda: trainer.train(cfgs, datasets))
+
+    train()  # warm-up
+    alone, beside = [], []
+    for _ in range(pairs):
+        alone.append(train())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork beside torch's threads: the child uses none
+            pid = os.fork()
+        if pid == 0:  # the busy process: log rows, one after another, until killed
+            try:
+                torch.set_num_threads(1)
+                while True:
+                    log_row.row_sums(pop, pop.row_e, pop.row_psi, P)
+            finally:
+                os._exit(0)
+        try:
+            time.sleep(0.05)
+            beside.append(train())
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return {"alone_s": alone, "beside_s": beside,
+            "slowdown": statistics.median(b / a for a, b in zip(alone, beside)) - 1}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Report
 
@@ -401,6 +452,8 @@ def _measure(args, root: Path, save) -> dict:
     same = compare_params(baseline, runs, lab_dir)
     _say("single run: population of one against the minimal loop")
     single = single_runs(flat)
+    _say("second core: training alone, and beside a process computing log rows")
+    core = second_core(flat, sweep)  # (None on a GPU or a single core)
     baseline_total = baseline["per_run_s"] * n_runs
     fig = {
         "device": args.device, "machine": machine(args.device), "runs": n_runs, "steps": args.steps,
@@ -430,6 +483,8 @@ def _measure(args, root: Path, save) -> dict:
         "scale_runs": None, "scale_10k_s": None, "scale_10k_peak_mb": None,
         "pending": [name for name, asked in (("scale", args.scale_runs), ("compile", args.compile)) if asked],
     }
+    if core is not None:
+        fig["second_core"] = core
     for name in ("default_in_loop", "every_step_in_loop"):
         if name in best:
             fig[f"logging_overhead_{name}"] = overhead(name)

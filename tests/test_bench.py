@@ -31,6 +31,12 @@ def test_a_small_benchmark_writes_every_figure(tmp_path):
     assert all(set(v) == {"study", "train"} for v in fig["logging_added_s"].values())
     assert len(fig["logging_execute_s_all"]["off"]) == len(fig["logging_train_s_all"]["every_step"]) == 1
     text = md.read_text()
+    from lab import row_worker
+    if row_worker._cores() >= 2 and hasattr(__import__("os"), "fork"):  # training alone and beside busy rows, in turns
+        core = fig["second_core"]
+        assert len(core["alone_s"]) == len(core["beside_s"]) == 3 and min(core["alone_s"] + core["beside_s"]) > 0
+        assert core["slowdown"] == pytest.approx(sorted(b / a for a, b in zip(core["alone_s"], core["beside_s"]))[1] - 1)
+        assert "| training beside log rows on the second core" in text
     assert "| speedup |" in text and ("Targets met:" in text or "Not met:" in text)
     assert "rows in the training process: " in text and "of which +" in text
     assert text.startswith("Measured by `scripts/bench` on ") and " cores, " in text.splitlines()[0]
