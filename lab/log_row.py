@@ -191,7 +191,8 @@ class RawRow:
     gap: torch.Tensor  # [N]
     lr: torch.Tensor  # [N]
     P: torch.Tensor | None  # [N, P] parameters (a copy), line models only (the MLP logs none of them)
-    grad: torch.Tensor  # [2, N]: norm (pre-clip when clipped) and largest |component|
+    grad: torch.Tensor | None  # [2, N]: norm (pre-clip when clipped) and largest |component|, or None:
+    grads: torch.Tensor | None  # [N, P] the gradients (a copy; line models, unclipped), whose norms tag_rows takes
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
 
 
@@ -228,9 +229,14 @@ def raw_row(pop, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
     parameters (copied here). Everything else is derived for many rows at once by `tag_rows`: a row is then
     a few dozen tensor ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
     """
-    grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
-    return RawRow(sums=None, loss=loss, gap=gap, lr=lr, P=P.clone() if pop.model.kind in ("linear", "constant") else None,
-                  grad=grad, has_grad=None if chain is None else (chain != 0).to(P.dtype))
+    line = pop.model.kind in ("linear", "constant")
+    if line and gnorm is None:  # a copy of a few values per run: one op at the step instead of four
+        grad, grads = None, grads.clone()
+    else:
+        grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
+        grads = None
+    return RawRow(sums=None, loss=loss, gap=gap, lr=lr, P=P.clone() if line else None, grad=grad, grads=grads,
+                  has_grad=None if chain is None else (chain != 0).to(P.dtype))
 
 
 def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
@@ -256,7 +262,11 @@ def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
         kurtosis = kurtosis_from_sums(*central, n)
     named_now = _named_now(P, pop) if P is not None else sums.new_zeros(S, N, 0)  # [S, N, K]
     val = sums[D:D + 2] / n_val  # [2, S, N]
-    grad = torch.stack([r.grad for r in raws], 1)  # [2, S, N]
+    if raws[0].grads is not None:  # the rows' gradients [S, N, P]: their norm and largest |component|
+        grads = torch.stack([r.grads for r in raws])
+        grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1), grads.abs().amax(-1)])  # [2, S, N]
+    else:
+        grad = torch.stack([r.grad for r in raws], 1)  # [2, S, N]
     flip, loss_amplitude, amplitude = history  # [S, N] each
     tags = [
         sums[D + 2] if pop.any_norm else torch.stack([r.loss for r in raws]),  # the loss in original units
