@@ -99,6 +99,9 @@ def _log_cosh(e: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return psi, torch.linalg.vecdot(_flat(large), _flat(a - _LOG2)).add_(_flat(log1p).sum(1))
 
 
+# Losses whose psi is at most three elementwise ops of e: cheaper to derive again from e than to keep.
+CHEAP_PSI = frozenset({"mse", "rmse", "mae", "quantile", "huber", "expectile"})
+
 _FUSED: dict[str, Callable] = {"mse": _mse, "rmse": _mse, "mae": _mae, "quantile": _quantile, "huber": _huber,
                                "expectile": _expectile, "log_cosh": _log_cosh}
 

@@ -222,6 +222,21 @@ def row_sums(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor) -> torch.
     return torch.cat(parts)
 
 
+def row_psi(pop, e: torch.Tensor, psi: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """psi [N, n, k] of a row step from its buffers: `psi` itself, unless the step left the psi of its
+    cheap blocks out (`Population.psi_derived`); then those are derived from e with the block's own loss
+    function (the step's, on the same e: the same numbers) and the others copied, into `out` (or a new tensor)."""
+    if not pop.psi_derived:
+        return psi
+    out = torch.empty_like(e) if out is None else out
+    for blk in pop.blocks:
+        if blk.cheap_psi:
+            blk.terms(e[blk.runs], out=out[blk.runs], **blk.params)
+        else:
+            out[blk.runs] = psi[blk.runs]
+    return out
+
+
 def raw_row(pop, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
     """A log row at its step, without its sums (lab.row_worker.Rows adds them): on the device, no host sync.
 
@@ -415,7 +430,7 @@ def population_histograms(pop, step, chain, on_hist, inverse):
     resid = pop.row_e.mean(-1) if pop.k > 1 else pop.row_e[..., 0]
     if pop.any_norm:
         resid = resid * pop.sd  # pred - y = sd e
-    per_sample = pop.row_psi.abs().sum(-1)
+    per_sample = row_psi(pop, pop.row_e, pop.row_psi).abs().sum(-1)
     if chain is not None:
         per_sample = per_sample * chain.abs()[:, None]
     values_of = {"grad/per_sample_abs": per_sample, "residual/values": resid}

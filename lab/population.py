@@ -84,6 +84,9 @@ class Block:
     y3: torch.Tensor  # [B, n, 1] training targets
     named: dict  # this block's parameter views {name: [B, ...]}
     quantile_classes: tuple | None = None  # a quantile block's |psi| values for the log row (lab.log_row)
+    # psi is a few elementwise ops of e (lab.fused.CHEAP_PSI): a row's worker derives it rather than the
+    # step writing it to the row buffer (`Population.psi_derived`)
+    cheap_psi: bool = False
 
 
 @dataclass
@@ -120,6 +123,10 @@ class Population:
     # what the concatenated chunks of a row used to take for a moment.
     row_e: torch.Tensor | None = None
     row_psi: torch.Tensor | None = None
+    # Set by a log-row worker (lab.row_worker): a row step writes no psi of the `cheap_psi` blocks, whose
+    # reader derives it from e (lab.log_row.row_psi). A cold write of psi cost the step more than the worker
+    # pays to derive it (measured with a row every step, 200 runs: 0.2 s of 2.6 s for all of psi).
+    psi_derived: bool = False
 
     def forward(self, named: dict, x: torch.Tensor) -> torch.Tensor:
         """Predictions [B, b, k] of the runs whose parameter views are `named`, at x [B, b, 1]."""
@@ -144,7 +151,8 @@ class Population:
         for blk in self.blocks:
             xb = blk.x if x is None else x[blk.runs]
             target = blk.y3 if y3 is None else y3[blk.runs]
-            e_out, psi_out = (self.row_e[blk.runs], self.row_psi[blk.runs]) if keep else (None, None)
+            e_out = self.row_e[blk.runs] if keep else None
+            psi_out = self.row_psi[blk.runs] if keep and not (self.psi_derived and blk.cheap_psi) else None
             if self.model.kind in ("linear", "constant"):
                 if self.compiled:  # (writes neither buffer: copied below)
                     value, weight_grad, bias_grad, e, psi = _compiled(blk.spec, self.model.kind)(
@@ -161,7 +169,7 @@ class Population:
                 value = value / (e.shape[1] * e.shape[2])
                 flats.append(self.shapes.flat(self.model.vjp(blk.named, xb, psi)))
             if keep and e.data_ptr() != e_out.data_ptr():  # a compiled step returns its own tensors
-                e, psi = e_out.copy_(e), psi_out.copy_(psi)
+                e, psi = e_out.copy_(e), psi_out.copy_(psi)  # (psi_derived is never set for one)
             values.append(value)
             resids.append(e)
             psis.append(psi)
@@ -264,7 +272,8 @@ def build(cfgs, datasets, device, dtype):
             single = name == "quantile" and k == 1
             classes = log_row.quantile_classes(params["tau"], x, sl.stop - sl.start) if single else None
             blocks.append(Block(runs=sl, spec=spec, terms=fused.residual_terms(spec), params=params, x=x[sl],
-                                y3=y3[sl], named={key: v[sl] for key, v in named.items()}, quantile_classes=classes))
+                                y3=y3[sl], named={key: v[sl] for key, v in named.items()}, quantile_classes=classes,
+                                cheap_psi=name in fused.CHEAP_PSI))
         start += count
     roots = [losses.spec(c.loss.name).root for c in cfgs]
     root = torch.tensor(roots, device=device) if any(roots) else None

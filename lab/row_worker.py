@@ -6,11 +6,13 @@ population trains with one intra-op thread (lab.trainer), so with `log_every = 1
 the training time while a second core sits idle. `Rows` moves them there:
 
 - The row buffers are a small ring of slots in shared memory: a row step writes its e and psi straight
-  into the current slot (`Population.terms(keep=True)`, the write it does anyway), the loop copies the
+  into the current slot (`Population.terms(keep=True)`, the writes it does anyway), the loop copies the
   parameters in, sends (slot, row index) down a pipe, and takes the next slot no unanswered row holds.
+  Where psi is a few ops of e (mse, mae, huber, quantile: `Population.psi_derived`), the step writes
+  none: a cold write of psi cost the step more than deriving it costs the worker.
 - A process forked from the training process (it shares the population's data, copy on write, and needs
-  no import or pickling) computes `row_sums` from the slot into the row's place in a shared output,
-  and sends the row index back.
+  no import or pickling) computes `row_sums` from the slot (deriving the psi left out, log_row.row_psi)
+  into the row's place in a shared output, and sends the row index back.
 - At a flush the loop waits for the rows it has sent and reads their sums: the same numbers, from the
   same code on the same data, as the rows computed in the loop (tests/test_row_worker.py).
 
@@ -117,6 +119,9 @@ class Rows:
         self.slots, self.batch = slots, max(1, slots // 2)
         self.slot = 0  # where the next row step writes
         pop.row_e, pop.row_psi = self.e[0], self.psi[0]
+        # The steps leave out the psi that the worker derives from e (log_row.row_psi), except a compiled
+        # step's, whose rounding the eager derivation need not repeat.
+        pop.psi_derived = not pop.compiled
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         try:
@@ -129,6 +134,7 @@ class Rows:
                     _serve(pop, self.e, self.psi, self.P, self.out, requests_r, replies_w,
                            (self.requests, self.replies))
         except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): the rows are computed in the loop
+            pop.psi_derived = False
             for fd in (requests_r, self.requests, self.replies, replies_w):
                 os.close(fd)
             self.gate.restore()
@@ -151,7 +157,7 @@ class Rows:
         if len(self.rows) >= self.capacity:
             raise RuntimeError(f"more than {self.capacity} rows submitted without a clear")
         if self.pid is None:
-            raw.sums = log_row.row_sums(self.pop, self.pop.row_e, self.pop.row_psi, P)
+            raw.sums = _sums(self.pop, self.pop.row_e, self.pop.row_psi, P)
             self.rows.append((raw, step, None))
             return
         self.P[self.slot].copy_(P)
@@ -180,7 +186,7 @@ class Rows:
         for i, (raw, _, slot) in enumerate(self.rows):
             if raw.sums is None:  # answered by the worker, or (a fall-back cut short by Ctrl-C) never
                 raw.sums = (answered[i] if i in self.done else
-                            log_row.row_sums(self.pop, self.e[slot], self.psi[slot], self.P[slot]))
+                            _sums(self.pop, self.e[slot], self.psi[slot], self.P[slot]))
         return [r[0] for r in self.rows], [r[1] for r in self.rows]
 
     def clear(self) -> None:
@@ -250,8 +256,13 @@ class Rows:
               f"training process", file=sys.stderr)
         for i, (raw, _, slot) in enumerate(self.rows):  # now: the next step may write any of their slots
             if i not in self.done:
-                raw.sums = log_row.row_sums(self.pop, self.e[slot], self.psi[slot], self.P[slot])
+                raw.sums = _sums(self.pop, self.e[slot], self.psi[slot], self.P[slot])
         self.slot_rows.clear()
+
+
+def _sums(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor, psi_out: torch.Tensor | None = None):
+    """log_row.row_sums of a row from its slot, psi derived where the step left it out (log_row.row_psi)."""
+    return log_row.row_sums(pop, e, log_row.row_psi(pop, e, psi, psi_out), P)
 
 
 class _Gate:
@@ -343,12 +354,13 @@ def _serve(pop, e, psi, P, out, requests: int, replies: int, parent_ends: tuple[
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         torch.set_num_threads(1)
         _release_free_memory()
+        psi_rows = torch.empty_like(psi[0]) if pop.psi_derived else None  # this process's own, for every row
         while True:
             request = os.read(requests, _REQUEST.size)  # whole requests: each was written whole
             if not request:
                 break
             slot, i = _REQUEST.unpack(request)
-            out[i] = log_row.row_sums(pop, e[slot], psi[slot], P[slot])
+            out[i] = _sums(pop, e[slot], psi[slot], P[slot], psi_rows)
             os.write(replies, _REPLY.pack(i))
         status = 0
     except BaseException as exc:  # noqa: BLE001 (one line, then the training process computes the rows)

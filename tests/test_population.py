@@ -56,6 +56,29 @@ def test_a_row_step_keeps_residuals_and_psi_in_the_row_buffers(model):
     assert torch.equal(pop.row_e[..., 0], torch.cat([e[..., 0] for e in resids]))
 
 
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_a_row_step_for_a_worker_leaves_out_the_cheap_psi_which_row_psi_derives_to_the_bit(model):
+    # With psi_derived (a row worker runs), the step writes no psi of the cheap blocks (mse, mae, huber,
+    # quantile here; log-cosh's it still writes), and log_row.row_psi rebuilds from e exactly the psi
+    # a step without psi_derived keeps. Reference: that step's own row buffer.
+    from lab import log_row
+
+    _, pop, _ = _population(model)
+    pop.terms(keep=True)
+    kept_e, kept_psi = pop.row_e.clone(), pop.row_psi.clone()
+    pop.row_psi.fill_(float("nan"))
+    pop.psi_derived = True
+    m, flat, _, psis = pop.terms(keep=True)
+    assert {blk.spec.name for blk in pop.blocks if blk.cheap_psi} == {"huber", "mae", "mse", "quantile"}
+    for blk, psi in zip(pop.blocks, psis):
+        assert torch.equal(psi, kept_psi[blk.runs])  # the step's own psi is unchanged
+        assert pop.row_psi[blk.runs].isnan().all() == blk.cheap_psi  # written only where not derived
+    assert torch.equal(pop.row_e, kept_e)
+    assert torch.equal(log_row.row_psi(pop, pop.row_e, pop.row_psi), kept_psi)
+    pop.psi_derived = False
+    assert log_row.row_psi(pop, pop.row_e, pop.row_psi) is pop.row_psi  # nothing to derive
+
+
 def test_original_units_invert_the_target_normalisation():
     # Closed form: with y_train = (y - mu) / sd, a line w x + b in training units is (sd w) x + (sd b + mu).
     cfg = config.from_flat({"device": "cpu"})
