@@ -276,7 +276,7 @@ def second_core(flat: dict, sweep: dict, pairs: int = 3) -> dict | None:
 
     import torch
 
-    from lab import config, data, log_row, population, row_worker, trainer
+    from lab import config, data, population, row_worker, trainer
 
     if row_worker._cores() < 2 or not hasattr(os, "fork") or flat["device"] != "cpu":
         return None
@@ -291,27 +291,48 @@ def second_core(flat: dict, sweep: dict, pairs: int = 3) -> dict | None:
         return _timed(lambda: trainer.train(cfgs, datasets))
 
     train()  # warm-up
-    alone, beside = [], []
+    alone, beside, busy_cpu = [], [], []
     for _ in range(pairs):
         alone.append(train())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork beside torch's threads: the child uses none
-            pid = os.fork()
-        if pid == 0:  # the busy process: log rows, one after another, until killed
-            try:
-                torch.set_num_threads(1)
-                while True:
-                    log_row.row_sums(pop, pop.row_e, pop.row_psi, P)
-            finally:
-                os._exit(0)
+        pid, parent = None, os.getpid()
         try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork beside torch's threads: the child uses none
+                pid = os.fork()
+            if pid == 0:
+                _busy_rows(pop, P, parent)  # never returns
             time.sleep(0.05)
             beside.append(train())
         finally:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    return {"alone_s": alone, "beside_s": beside,
+            if pid:  # (0 only in the child, which never gets here)
+                os.kill(pid, signal.SIGKILL)
+                _, status, usage = os.wait4(pid, 0)
+                if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+                    raise RuntimeError(f"the busy process ended by itself (wait status {status}): 'beside' was alone")
+                busy_cpu.append(usage.ru_utime)
+    return {"alone_s": alone, "beside_s": beside, "busy_cpu_s": busy_cpu,
             "slowdown": statistics.median(b / a for a, b in zip(alone, beside)) - 1}
+
+
+def _busy_rows(pop, P, parent: int) -> None:
+    """The busy process of `second_core`: log rows one after another, as a row worker busy at every step
+    (and set up as one: one thread, the inherited free heap given back), until killed, or until its parent
+    is gone (never a process left spinning)."""
+    import torch
+
+    from lab import log_row, row_worker
+
+    status = 1
+    try:
+        torch.set_num_threads(1)
+        row_worker._release_free_memory()
+        while os.getppid() == parent:
+            log_row.row_sums(pop, pop.row_e, pop.row_psi, P)
+        status = 0
+    except BaseException as exc:  # noqa: BLE001 (the parent sees the exit status and fails the measurement)
+        print(f"second core: busy process: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        os._exit(status)
 
 
 # ---------------------------------------------------------------------------------------------------

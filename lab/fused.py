@@ -99,7 +99,8 @@ def _log_cosh(e: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return psi, torch.linalg.vecdot(_flat(large), _flat(a - _LOG2)).add_(_flat(log1p).sum(1))
 
 
-# Losses whose psi is at most three elementwise ops of e: cheaper to derive again from e than to keep.
+# Losses whose psi is a few cheap elementwise ops of e (no exp or log): cheaper for a log row's worker to
+# derive again from e than for the step to write to memory the other core reads (lab.row_worker).
 CHEAP_PSI = frozenset({"mse", "rmse", "mae", "quantile", "huber", "expectile"})
 
 _FUSED: dict[str, Callable] = {"mse": _mse, "rmse": _mse, "mae": _mae, "quantile": _quantile, "huber": _huber,

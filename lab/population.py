@@ -140,7 +140,8 @@ class Population:
         x, y3: a minibatch [N, b, 1] (None: the full training set). Returns (mean loss m [N] in
         training units, dm/dtheta [N, P] times b * k, and per block its residuals e = pred - target
         and psi [B, b, k]). keep (full batch only): the residuals and psi go to `row_e` and `row_psi`,
-        and the returned ones are views of them.
+        and the returned ones are views of them (but for the psi of `cheap_psi` blocks when `psi_derived`:
+        a temporary, and `row_psi` is not written there).
         """
         values, weight_grads, bias_grads, flats, resids, psis = [], [], [], [], [], []
         if keep and x is not None:
@@ -152,7 +153,8 @@ class Population:
             xb = blk.x if x is None else x[blk.runs]
             target = blk.y3 if y3 is None else y3[blk.runs]
             e_out = self.row_e[blk.runs] if keep else None
-            psi_out = self.row_psi[blk.runs] if keep and not (self.psi_derived and blk.cheap_psi) else None
+            derived = self.psi_derived and blk.cheap_psi and not self.compiled  # (a compiled step keeps all psi)
+            psi_out = self.row_psi[blk.runs] if keep and not derived else None
             if self.model.kind in ("linear", "constant"):
                 if self.compiled:  # (writes neither buffer: copied below)
                     value, weight_grad, bias_grad, e, psi = _compiled(blk.spec, self.model.kind)(
@@ -169,7 +171,7 @@ class Population:
                 value = value / (e.shape[1] * e.shape[2])
                 flats.append(self.shapes.flat(self.model.vjp(blk.named, xb, psi)))
             if keep and e.data_ptr() != e_out.data_ptr():  # a compiled step returns its own tensors
-                e, psi = e_out.copy_(e), psi_out.copy_(psi)  # (psi_derived is never set for one)
+                e, psi = e_out.copy_(e), psi_out.copy_(psi)
             values.append(value)
             resids.append(e)
             psis.append(psi)

@@ -8,8 +8,8 @@ the training time while a second core sits idle. `Rows` moves them there:
 - The row buffers are a small ring of slots in shared memory: a row step writes its e and psi straight
   into the current slot (`Population.terms(keep=True)`, the writes it does anyway), the loop copies the
   parameters in, sends (slot, row index) down a pipe, and takes the next slot no unanswered row holds.
-  Where psi is a few ops of e (mse, mae, huber, quantile: `Population.psi_derived`), the step writes
-  none: a cold write of psi cost the step more than deriving it costs the worker.
+  Where psi is a few ops of e (mse, rmse, mae, huber, quantile, expectile: `Population.psi_derived`),
+  the step writes none: a cold write of psi cost the step more than deriving it costs the worker.
 - A process forked from the training process (it shares the population's data, copy on write, and needs
   no import or pickling) computes `row_sums` from the slot (deriving the psi left out, log_row.row_psi)
   into the row's place in a shared output, and sends the row index back.
@@ -120,8 +120,9 @@ class Rows:
         self.slot = 0  # where the next row step writes
         pop.row_e, pop.row_psi = self.e[0], self.psi[0]
         # The steps leave out the psi that the worker derives from e (log_row.row_psi), except a compiled
-        # step's, whose rounding the eager derivation need not repeat.
-        pop.psi_derived = not pop.compiled
+        # step's, whose rounding the eager derivation need not repeat (and where no block has a cheap psi,
+        # there is nothing to derive: psi stays whole, with no copy per row).
+        pop.psi_derived = not pop.compiled and any(blk.cheap_psi for blk in pop.blocks)
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         try:
@@ -197,6 +198,7 @@ class Rows:
     def close(self) -> None:
         """End the worker (it exits when its pipe of requests closes), reap it, and give the signals back."""
         self.gate.restore()
+        self.pop.psi_derived = False  # (rows after this, in the loop, keep all of psi again)
         if self.pid is None:
             return
         pid, self.pid = self.pid, None

@@ -35,6 +35,7 @@ def test_a_small_benchmark_writes_every_figure(tmp_path):
     if row_worker._cores() >= 2 and hasattr(__import__("os"), "fork"):  # training alone and beside busy rows, in turns
         core = fig["second_core"]
         assert len(core["alone_s"]) == len(core["beside_s"]) == 3 and min(core["alone_s"] + core["beside_s"]) > 0
+        assert min(core["busy_cpu_s"]) > 0.5 * min(core["beside_s"])  # the busy process computed rows throughout
         assert core["slowdown"] == pytest.approx(sorted(b / a for a, b in zip(core["alone_s"], core["beside_s"]))[1] - 1)
         assert "| training beside log rows on the second core" in text
     assert "| speedup |" in text and ("Targets met:" in text or "Not met:" in text)

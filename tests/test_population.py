@@ -64,11 +64,12 @@ def test_a_row_step_for_a_worker_leaves_out_the_cheap_psi_which_row_psi_derives_
     from lab import log_row
 
     _, pop, _ = _population(model)
-    pop.terms(keep=True)
+    m_kept, flat_kept, _, _ = pop.terms(keep=True)
     kept_e, kept_psi = pop.row_e.clone(), pop.row_psi.clone()
     pop.row_psi.fill_(float("nan"))
     pop.psi_derived = True
     m, flat, _, psis = pop.terms(keep=True)
+    assert torch.equal(m, m_kept) and torch.equal(flat, flat_kept)  # the step's numbers do not change
     assert {blk.spec.name for blk in pop.blocks if blk.cheap_psi} == {"huber", "mae", "mse", "quantile"}
     for blk, psi in zip(pop.blocks, psis):
         assert torch.equal(psi, kept_psi[blk.runs])  # the step's own psi is unchanged
