@@ -191,8 +191,8 @@ class RawRow:
     gap: torch.Tensor  # [N]
     lr: torch.Tensor  # [N]
     P: torch.Tensor | None  # [N, P] parameters (a copy), line models only (the MLP logs none of them)
-    grad: torch.Tensor | None  # [2, N]: norm (pre-clip when clipped) and largest |component|; None where
-    grads: torch.Tensor | None  # [N, P] the gradients (a copy; line models, unclipped), whose norms tag_rows takes
+    grad: torch.Tensor | None  # [2, N]: norm (pre-clip when clipped) and largest |component|; None if `grads`
+    grads: torch.Tensor | None  # [N, P] a copy of the gradients (line models, unclipped): tag_rows takes both
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
 
 
