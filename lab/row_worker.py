@@ -35,7 +35,6 @@ one line on stderr says so, and no row is lost.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import mmap
@@ -167,9 +166,9 @@ class Rows:
             self.rows.append((raw, step, self.slot))  # from here on the row is the worker's
             # Requests go in pairs where the ring allows: each wakes the sleeping worker, and a wake-up
             # across cores costs as much as a few hundred tensor ops' overhead on a virtual machine.
-            if len(self.rows) - self.sent >= self.batch or not self._free():
+            if len(self.rows) - self.sent >= self.batch or len(self.slot_rows) == self.slots:
                 self._send()
-        while self.pid is not None and not self._free():
+        while self.pid is not None and len(self.slot_rows) == self.slots:  # every slot holds an unanswered row
             self._wait()
         if self.pid is not None:
             self.slot = self._free()[0]
@@ -220,7 +219,7 @@ class Rows:
         """Write the requests not yet sent (signals held by the caller)."""
         if self.sent == len(self.rows) or self.pid is None:
             return
-        requests = b"".join(_REQUEST.pack(slot, i) for i, (_, _, slot) in enumerate(self.rows) if i >= self.sent)
+        requests = b"".join(_REQUEST.pack(slot, i) for i, (_, _, slot) in enumerate(self.rows[self.sent:], self.sent))
         try:
             os.write(self.requests, requests)  # atomic: at most `capacity` requests of 8 bytes
         except OSError:  # BrokenPipeError: the worker is gone
@@ -300,17 +299,21 @@ class _Gate:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
 
-    @contextlib.contextmanager
     def held(self):
+        """`with gate.held():` holds the signals back for the block (nested blocks: until the outermost ends).
+        The gate is its own context manager: entered at every row, a generator-based one cost more."""
+        return self
+
+    def __enter__(self):
         self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.caught:
-                signum = self.caught[-1]
-                self.caught.clear()
-                self._pass_on(signum, None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.depth -= 1
+        if not self.depth and self.caught:
+            signum = self.caught[-1]
+            self.caught.clear()
+            self._pass_on(signum, None)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
