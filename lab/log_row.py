@@ -199,7 +199,12 @@ class RawRow:
 def row_sums_size(pop) -> int:
     """Rows of `row_sums(pop, ...)`: the distribution's 5 (7 without ResidualMoments), 2 validation sums,
     and the loss in original units where a run normalises its targets."""
-    return (5 if pop.moments is not None else 7) + 2 + int(pop.any_norm)
+    return _distribution_size(pop) + 2 + int(pop.any_norm)
+
+
+def _distribution_size(pop) -> int:
+    """Rows of `_distribution`: 5, and the two central sums for the kurtosis without ResidualMoments."""
+    return 5 if pop.moments is not None else 7
 
 
 def row_sums(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
@@ -261,7 +266,7 @@ def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:
     S, N = len(raws), raws[0].loss.shape[0]
     n, n_val = pop.y3.shape[1], pop.x_val.shape[1]
     sums = torch.stack([r.sums for r in raws], 1)  # [row_sums_size, S, N]
-    D = 5 if pop.moments is not None else 7
+    D = _distribution_size(pop)
     on_outliers, on_top, total, p99, ahead, *central = sums[:D].unbind(0)
     total = total.clamp_min(torch.finfo(total.dtype).tiny)
     outlier_share, top = on_outliers / total, on_top / total

@@ -86,7 +86,8 @@ class Rows:
     """Where a population's log rows get their sums: in the loop (`worker=False`) or in a forked worker.
 
     The loop calls `submit(raw, P, step)` at each row step, after the step wrote its e and psi into
-    `pop.row_e`, `pop.row_psi`, `collect()` at a flush, which returns the rows with their sums (raw.sums)
+    `pop.row_e`, `pop.row_psi` (with a worker, only the psi it does not derive: `Population.psi_derived`),
+    `collect()` at a flush, which returns the rows with their sums (raw.sums)
     and their steps, and `clear()` once they are logged; `close()` at the end. At most `capacity` rows
     wait between clears.
 
