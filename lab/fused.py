@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lab import losses
+from lab.losses.functional import _SINH_SERIES, _param
 
 _LOG2 = math.log(2.0)
 
@@ -57,13 +58,13 @@ def _quantile(e: Tensor, tau=0.5, out: Tensor | None = None) -> tuple[Tensor, Te
 
 
 def _huber(e: Tensor, delta=1.0, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    d = losses._param(delta, e)
+    d = _param(delta, e)
     psi = torch.clamp(e, min=-d, max=d, out=out) if isinstance(d, Tensor) else torch.clamp(e, -d, d, out=out)
     return psi, _dot(psi, torch.add(e, psi, alpha=-0.5))
 
 
 def _expectile(e: Tensor, tau=0.5, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    t = losses._param(tau, e)
+    t = _param(tau, e)
     w2 = (e > 0).to(e.dtype).mul_(2 - 4 * t).add_(2 * t)  # 2 w
     psi = w2.mul_(e) if out is None else torch.mul(w2, e, out=out)
     return psi, 0.5 * _dot(psi, e)
@@ -79,7 +80,7 @@ def _log_cosh(e: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     t = torch.exp(a.clamp(max=20.0).mul_(-2.0))
     h = a.clamp(max=1.0).mul_(0.5)
     h2 = h * h
-    terms = losses._SINH_SERIES[:4] if e.dtype == torch.float32 else losses._SINH_SERIES
+    terms = _SINH_SERIES[:4] if e.dtype == torch.float32 else _SINH_SERIES
     series = torch.full_like(h, terms[-1])
     for c in reversed(terms[:-1]):
         series.mul_(h2).add_(c)

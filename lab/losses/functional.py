@@ -1,0 +1,347 @@
+"""The formulas: each loss per element (``fn``), its closed-form derivative ``psi = d fn / d input``,
+and the reduction. No validation here: these run inside the training loop (lab.fused, lab.population);
+the modules (lab.losses.modules) validate. Conventions: lab/losses/__init__.py."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+_HALF = (torch.float16, torch.bfloat16)
+_LOG2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _float32_for_half(f: Callable) -> Callable:
+    """Evaluate ``f`` in float32 for float16/bfloat16 inputs and return the input's dtype."""
+
+    @functools.wraps(f)
+    def wrapped(input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
+        if input.dtype not in _HALF:
+            return f(input, target, *args, **kwargs)
+        return f(input.float(), target.float(), *args, **kwargs).to(input.dtype)
+
+    return wrapped
+
+
+def _param(v, x: Tensor):
+    """A parameter in x's dtype and device if it is a tensor (per-run values), else a Python float."""
+    return v.to(device=x.device, dtype=x.dtype) if isinstance(v, Tensor) else float(v)
+
+
+def _tensor(v, x: Tensor) -> Tensor:
+    """A parameter as a tensor on x's device; a float becomes a fill kernel, not a host-to-device copy."""
+    return _param(v, x) if isinstance(v, Tensor) else torch.full((), float(v), dtype=x.dtype, device=x.device)
+
+
+def _taus(tau, x: Tensor):
+    """Quantile levels: a list becomes a [k] tensor (a host copy: hot loops should pass a tensor)."""
+    return torch.tensor(tau, dtype=x.dtype, device=x.device) if isinstance(tau, (list, tuple)) else _param(tau, x)
+
+
+def _last_dim(input: Tensor, target: Tensor) -> Tensor:
+    """A target [...] against k outputs [..., k] is broadcast along the last dim."""
+    return target.unsqueeze(-1) if target.dim() == input.dim() - 1 else target
+
+
+def safe_sqrt(m: Tensor) -> Tensor:
+    """sqrt(m) with value 0 and gradient 0 (a subgradient) at m = 0, where the true derivative is +inf.
+
+    The clamp keeps the unselected branch finite: torch.where sends it a zero gradient, and 0 * inf = NaN.
+    """
+    return torch.where(m > 0, m.clamp_min(torch.finfo(m.dtype).tiny).sqrt(), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formulas: fn(input, target, **params) per element, and psi = d fn / d input per element.
+
+
+@_float32_for_half
+def mse(input: Tensor, target: Tensor) -> Tensor:
+    """Squared error ``e^2``, e = input - target. Minimiser of its mean: the mean."""
+    return (input - target).square()
+
+
+@_float32_for_half
+def mse_psi(input: Tensor, target: Tensor) -> Tensor:
+    """``2 e``."""
+    return 2 * (input - target)
+
+
+@_float32_for_half
+def mae(input: Tensor, target: Tensor) -> Tensor:
+    """Absolute error ``|e|``. Minimiser of its mean: the median. Subgradient at e = 0 is 0 (torch.abs)."""
+    return (input - target).abs()
+
+
+@_float32_for_half
+def mae_psi(input: Tensor, target: Tensor) -> Tensor:
+    """``sign(e)``, with the subgradient 0 at e = 0 (what autograd gives for torch.abs)."""
+    return (input - target).sign()
+
+
+# rmse is mse per element; LossSpec.root and RMSELoss take sqrt after the reduction.
+rmse, rmse_psi = mse, mse_psi
+
+
+@_float32_for_half
+def huber(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
+    """Huber loss: ``0.5 e^2 if |e| <= delta else delta (|e| - delta/2)`` (torch.nn.HuberLoss).
+
+    delta > 0: the transition point. delta -> inf is 0.5*MSE; huber(delta) / delta -> MAE as delta -> 0;
+    huber(delta=d) == d * smooth_l1(beta=d).
+    """
+    a, d = (input - target).abs(), _param(delta, input)
+    # With m = min(|e|, delta) as a clamp, d/de[0.5 m^2 + delta (|e| - m)] = m dm + delta (sign e - dm), which
+    # is delta*sign(e) at |e| = delta whatever share of the tie autograd gives the clamp (a tensor delta
+    # splits it 1/2-1/2): the gradient is exactly clamp(e, -delta, delta), as in torch.nn.HuberLoss
+    # (optax: "avoids potentially doubling gradient").
+    m = a.clamp(max=d)
+    return 0.5 * m.square() + d * (a - m)
+
+
+@_float32_for_half
+def huber_psi(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
+    """``clamp(e, -delta, delta)``."""
+    d = _param(delta, input)
+    return (input - target).clamp(min=-d, max=d)
+
+
+@_float32_for_half
+def smooth_l1(input: Tensor, target: Tensor, beta=1.0) -> Tensor:
+    """Smooth L1: ``0.5 e^2 / beta if |e| < beta else |e| - beta/2`` (torch.nn.SmoothL1Loss).
+
+    beta >= 0. beta = 0 is exactly MAE, with finite gradients. smooth_l1(beta) == huber(delta=beta) / beta.
+    """
+    a, b = (input - target).abs(), _param(beta, input)
+    # Same clamp form as huber. Dividing by beta only where beta > 0 keeps every term finite at beta = 0
+    # (then m = 0): a NaN in an unselected branch would still poison the gradient.
+    m = a.clamp(max=b)
+    b_safe = torch.where(b > 0, b, 1.0) if isinstance(b, Tensor) else (b if b > 0 else 1.0)
+    return 0.5 * m.square() / b_safe + (a - m)
+
+
+@_float32_for_half
+def smooth_l1_psi(input: Tensor, target: Tensor, beta=1.0) -> Tensor:
+    """``e / beta if |e| < beta else sign(e)``; sign(e) everywhere at beta = 0."""
+    e, b = input - target, _param(beta, input)
+    b_safe = torch.where(b > 0, b, 1.0) if isinstance(b, Tensor) else (b if b > 0 else 1.0)
+    return torch.where(e.abs() < b, e / b_safe, e.sign())
+
+
+def _log1p(w: Tensor) -> Tensor:
+    """log(1 + w) for w >= 0, to a few ulps, from log alone: the first-order term ((u - 1) - w) / u undoes
+    the rounding of u = 1 + w. (torch.log1p computes the same, but its float32 CPU kernel on AVX-512 is a
+    scalar loop, ~15x slower than log.)"""
+    u = 1 + w
+    return torch.log(u) - ((u - 1) - w) / u
+
+
+# sinh(h) / h = sum_j h^(2j) / (2j + 1)!: for |h| <= 1/2 the terms up to h^6 reach float32 precision
+# (the next is 1e-8 of the sum), those up to h^14 float64's.
+_SINH_SERIES = tuple(1.0 / math.factorial(2 * j + 1) for j in range(8))
+
+
+@_float32_for_half
+def log_cosh(input: Tensor, target: Tensor) -> Tensor:
+    """``log(cosh(e))``: e^2/2 near 0, |e| - log 2 for large |e|.
+
+    Two exact forms, each used where it is accurate (both finite, with finite gradients, everywhere):
+    ``log1p(2 sinh(e/2)^2)`` keeps relative accuracy near 0 (cosh e = 1 + 2 sinh(e/2)^2), and
+    ``|e| + log1p(exp(-2|e|)) - log 2`` cannot overflow (cosh(e) overflows float32 at |e| > 89).
+    Only exp, log and arithmetic: sinh(|e|/2) < sinh(1/2) is its Taylor series, and log1p is `_log1p`
+    (float32 sinh and log1p are scalar loops on CPUs; this form is ~15x faster there, as accurate).
+    """
+    a = (input - target).abs()
+    h = 0.5 * a.clamp(max=1.0)  # clamp: the unselected branch stays finite
+    h2 = h * h
+    terms = _SINH_SERIES[:4] if a.dtype == torch.float32 else _SINH_SERIES
+    series = torch.full_like(h, terms[-1])
+    for c in reversed(terms[:-1]):
+        series = series * h2 + c
+    s = h * series  # sinh(h)
+    small = _log1p(2 * s * s)
+    large = a + _log1p(torch.exp(-2 * a)) - _LOG2
+    return torch.where(a < 1, small, large)
+
+
+@_float32_for_half
+def log_cosh_psi(input: Tensor, target: Tensor) -> Tensor:
+    """``tanh(e)``."""
+    return torch.tanh(input - target)
+
+
+@_float32_for_half
+def quantile(input: Tensor, target: Tensor, tau=0.5) -> Tensor:
+    """Quantile (pinball) loss: ``max(tau u, (tau - 1) u)``, u = target - input.
+
+    tau in (0, 1): the quantile level; the minimiser of the mean is the tau-quantile of the target.
+    tau = 0.5 is HALF of MAE (some libraries scale by 2 so that it equals MAE; this one does not).
+    k levels: tau a list or [k] tensor, input [..., k], target [...] or [..., 1] -> result [..., k].
+    Written as ``(tau - 1/2) u + |u|/2``, whose gradient at u = 0 is the midpoint subgradient: in input,
+    ``1/2 - tau``, which is 0 at tau = 0.5 like MAE's.
+    """
+    u, t = _last_dim(input, target) - input, _taus(tau, input)
+    return (t - 0.5) * u + 0.5 * u.abs()
+
+
+@_float32_for_half
+def quantile_psi(input: Tensor, target: Tensor, tau=0.5) -> Tensor:
+    """``1 - tau`` for over-prediction (e > 0), ``-tau`` for under-prediction, ``1/2 - tau`` at e = 0."""
+    e, t = input - _last_dim(input, target), _taus(tau, input)
+    return 0.5 * e.sign() + (0.5 - t)
+
+
+@_float32_for_half
+def expectile(input: Tensor, target: Tensor, tau=0.5) -> Tensor:
+    """Expectile loss: ``|tau - 1[u < 0]| u^2``, u = target - input.
+
+    tau in (0, 1); the minimiser of the mean is the tau-expectile of the target. tau = 0.5 is 0.5*MSE.
+    """
+    u, t = target - input, _param(tau, input)
+    return (t + (1 - 2 * t) * (u < 0).to(u.dtype)) * u.square()
+
+
+@_float32_for_half
+def expectile_psi(input: Tensor, target: Tensor, tau=0.5) -> Tensor:
+    """``-2 |tau - 1[u < 0]| u``."""
+    u, t = target - input, _param(tau, input)
+    return -2 * (t + (1 - 2 * t) * (u < 0).to(u.dtype)) * u
+
+
+@_float32_for_half
+def pseudo_huber(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
+    """Pseudo-Huber: ``delta^2 (sqrt(1 + (e/delta)^2) - 1)``, a smooth Huber; e^2/2 near 0, ~delta |e| far.
+
+    delta > 0. Equals delta^2 * general(alpha=1, scale=delta). Computed as the algebraically equal
+    ``e^2 / (1 + sqrt(1 + (e/delta)^2))``, which does not cancel to 0 for small e.
+    """
+    e, d = input - target, _param(delta, input)
+    return e.square() / (1 + torch.sqrt(1 + (e / d).square()))
+
+
+@_float32_for_half
+def pseudo_huber_psi(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
+    """``e / sqrt(1 + (e/delta)^2)``."""
+    e, d = input - target, _param(delta, input)
+    return e * torch.rsqrt(1 + (e / d).square())
+
+
+@_float32_for_half
+def cauchy(input: Tensor, target: Tensor, scale=1.0) -> Tensor:
+    """Cauchy (Lorentzian): ``(scale^2 / 2) log(1 + (e/scale)^2)``; e^2/2 near 0, grows like log |e|.
+
+    scale > 0. Barron's alpha = 0 in this scale: cauchy(scale=s) == (s^2/2) * general(alpha=0, scale=s/sqrt 2).
+    """
+    e, c = input - target, _param(scale, input)
+    return 0.5 * c * c * torch.log1p((e / c).square())
+
+
+@_float32_for_half
+def cauchy_psi(input: Tensor, target: Tensor, scale=1.0) -> Tensor:
+    """``e / (1 + (e/scale)^2)``: redescending, largest at |e| = scale."""
+    e, c = input - target, _param(scale, input)
+    return e / (1 + (e / c).square())
+
+
+@_float32_for_half
+def tukey(input: Tensor, target: Tensor, c=4.685) -> Tensor:
+    """Tukey's biweight: ``c^2/6 (1 - (1 - (e/c)^2)^3) if |e| <= c else c^2/6``.
+
+    c > 0; 4.685 gives 95% efficiency at the normal. Non-convex: residuals beyond c get zero gradient.
+    """
+    e, k = input - target, _param(c, input)
+    s = (e / k).clamp(-1.0, 1.0).square()  # the clamp makes the loss flat (zero gradient) beyond |e| = c
+    # 1 - (1 - s)^3 expanded as s (3 - 3s + s^2): the unexpanded form cancels to 0 for small e in float32.
+    return k * k / 6 * s * (3 - 3 * s + s.square())
+
+
+@_float32_for_half
+def tukey_psi(input: Tensor, target: Tensor, c=4.685) -> Tensor:
+    """``e (1 - (e/c)^2)^2 if |e| <= c else 0``."""
+    e, k = input - target, _param(c, input)
+    return e * (1 - (e / k).clamp(-1.0, 1.0).square()).square()
+
+
+@_float32_for_half
+def general(input: Tensor, target: Tensor, alpha=1.0, scale=1.0) -> Tensor:
+    """Barron's general robust loss (CVPR 2019, "A General and Adaptive Robust Loss Function").
+
+    ``rho(x, a, c) = |a-2|/a * (((x/c)^2 / |a-2| + 1)^(a/2) - 1)``, x = e, shape a (any real or -inf), c > 0.
+    Its limits are computed exactly: a = 2 -> 0.5 (x/c)^2 (0.5*MSE for c = 1); a = 0 -> log(0.5 (x/c)^2 + 1)
+    (Cauchy); a = -inf -> 1 - exp(-0.5 (x/c)^2) (Welsch). Regular special cases: a = 1 ->
+    sqrt((x/c)^2 + 1) - 1 (pseudo-Huber / Charbonnier); a = -2 -> 2 (x/c)^2 / ((x/c)^2 + 4) (Geman-McClure).
+    At the singular a (2, 0, -inf) the gradient in alpha is 0 (a where-branch without alpha).
+    """
+    x = input - target
+    a, c = _tensor(alpha, x), _param(scale, x)
+    z = (x / c).square()
+    # Each where-branch must stay finite, with a finite gradient, where it is not selected (0 * inf = NaN).
+    # The regular branch therefore sees a harmless a = 1 at the singular alphas, and |a|, |a - 2| >= eps.
+    eps = torch.finfo(x.dtype).eps
+    a_ = torch.where((a == 2) | (a == 0) | (a == -math.inf), 1.0, a)
+    a_ = torch.copysign(a_.abs().clamp_min(eps), a_)
+    b = (a_ - 2).abs().clamp_min(eps)
+    # expm1(a/2 log1p(z/b)) == (z/b + 1)^(a/2) - 1, without the cancellation of pow(...) - 1 near a = 0.
+    regular = b / a_ * torch.expm1(0.5 * a_ * torch.log1p(z / b))
+    return torch.where(
+        a == 2,
+        0.5 * z,
+        torch.where(a == 0, torch.log1p(0.5 * z), torch.where(a == -math.inf, -torch.expm1(-0.5 * z), regular)),
+    )
+
+
+@_float32_for_half
+def general_psi(input: Tensor, target: Tensor, alpha=1.0, scale=1.0) -> Tensor:
+    """``x / c^2 * ((x/c)^2 / |a-2| + 1)^(a/2 - 1)``; the factor is 1 at a = 2 and exp(-(x/c)^2 / 2) at -inf."""
+    x = input - target
+    a, c = _tensor(alpha, x), _param(scale, x)
+    z = (x / c).square()
+    a_ = torch.where((a == 2) | (a == -math.inf), 1.0, a)  # as in general(): finite where unselected
+    b = (a_ - 2).abs().clamp_min(torch.finfo(x.dtype).eps)
+    regular = torch.exp((0.5 * a_ - 1) * torch.log1p(z / b))
+    factor = torch.where(a == 2, 1.0, torch.where(a == -math.inf, torch.exp(-0.5 * z), regular))
+    return x / (c * c) * factor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reduction
+
+
+def reduce_loss(loss: Tensor, weight: Tensor | None = None, reduction: str = "mean", root: bool = False) -> Tensor:
+    """Reduce per-element losses, optionally weighted, optionally followed by sqrt (``root``, for rmse).
+
+    weight: broadcastable to ``loss`` without enlarging it (per-sample weights [n, 1] against [n, k]).
+    'none' -> ``w * l``; 'sum' -> ``sum(w * l)``; 'mean' -> ``sum(w * l) / sum(w)``, with w broadcast to
+    the loss's shape (a weighted average; all-ones weights give the plain mean). Weights are not checked
+    for sign (that would sync); zero total weight gives NaN. With root, 'mean' and 'sum' return
+    ``safe_sqrt`` of the reduced value ('sum' -> the L2 norm of e) and 'none' returns the elements unrooted.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weight is not None:
+        try:
+            ok = torch.broadcast_shapes(weight.shape, loss.shape) == loss.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"weight shape {tuple(weight.shape)} does not broadcast to loss shape {tuple(loss.shape)}")
+        weight = weight.to(loss.dtype)
+    if reduction == "none":
+        return loss if weight is None else weight * loss
+    if weight is None:
+        total = loss.mean() if reduction == "mean" else loss.sum()
+    else:
+        total = (weight * loss).sum()
+        if reduction == "mean":
+            total = total / weight.expand_as(loss).sum()
+    return safe_sqrt(total) if root else total
+
