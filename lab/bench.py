@@ -68,11 +68,11 @@ def study_sweep(seeds: int = 10) -> dict:
 
 
 def study_runs(flat: dict, sweep: dict) -> list:
-    """The study's runs (lab.study.Run), named as `lab sweep` names them. log_every 0 means logging off."""
-    from lab import study
+    """The study's runs (lab.sweeps.Run), named as `lab sweep` names them. log_every 0 means logging off."""
+    from lab import sweeps
 
     off = flat.get("train.log_every") == 0
-    runs = study.sweep_runs({**flat, "train.log_every": 10} if off else flat, sweep)
+    runs = sweeps.sweep_runs({**flat, "train.log_every": 10} if off else flat, sweep)
     if off:  # not a config value users set: the benchmark's "logging off"
         for r in runs:
             r.config = dataclasses.replace(r.config, train=dataclasses.replace(r.config.train, log_every=0))

@@ -148,7 +148,7 @@ def load_study(path: Path, quick: bool = False) -> Study:
 
 
 def expand(base: Config, sweeps: list[dict[str, list]]) -> list[tuple[Config, dict]]:
-    """The union of the grids of every sweep block (as lab.study.expand, plus keys "a,b" varied together);
+    """The union of the grids of every sweep block (as lab.sweeps.expand, plus keys "a,b" varied together);
     a config that two blocks both produce is trained once."""
     out, seen = [], set()
     for block in sweeps or [{}]:

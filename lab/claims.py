@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import rundir, study, trainer
+from lab import rundir, study, sweeps, trainer
 from lab.claim_measures import MEASURES
 from lab.claim_report import numbers, spread, table_markdown, table_text, write_figures, write_report  # noqa: F401
 from lab.claim_studies import (  # noqa: F401
@@ -62,7 +62,7 @@ class ClaimResult:
     runs: list = field(default_factory=list, repr=False)  # the study's runs (summaries, directories)
 
 
-def evaluate(st: Study, runs: list[study.Run]) -> ClaimResult:
+def evaluate(st: Study, runs: list[sweeps.Run]) -> ClaimResult:
     """Measure one study's runs and judge its checks. A measurement that raises makes the claim inconclusive."""
     spec = MEASURES[st.measure]
     labels = {m: spec.label(m, st.params) for m in spec.labels}
@@ -109,11 +109,11 @@ def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     studies = load_all(Path(experiments), quick, only)
     out = _prepare_out(Path(out))
-    by_study: dict[str, list[study.Run]] = {}
+    by_study: dict[str, list[sweeps.Run]] = {}
     for st in studies:
         by_study[st.id] = []
         for cfg, swept in st.grid:
-            r = study.Run(config=cfg, name=study.run_name(cfg, swept), swept=swept)
+            r = sweeps.Run(config=cfg, name=sweeps.run_name(cfg, swept), swept=swept)
             r.dir = rundir.create(out / "runs" / st.name, r.name)
             by_study[st.id].append(r)
     all_runs = [r for rs in by_study.values() for r in rs]

@@ -188,8 +188,8 @@ def _config(args) -> int:
 
     cfg, sweep = config.load(args.config, args.overrides)
     if sweep:
-        from lab import study
-        runs = study.sweep_runs(cfg, sweep)
+        from lab import sweeps
+        runs = sweeps.sweep_runs(cfg, sweep)
         print(f"# a sweep of {len(runs)} runs over " + ", ".join(sweep) + "; the base config:")
     print(tomli_w.dumps(config.to_dict(cfg)), end="")
     return 0
@@ -237,13 +237,13 @@ def _load(args, sweep_words: bool):
 
 def _check_before_training(cfgs, names: list[str]) -> None:
     """Names, device and memory: the first checks, before anything is written or trained."""
-    from lab import rundir, study, trainer
+    from lab import rundir, sweeps, trainer
 
     for name in names:
         rundir.check_name(name)
     for device in dict.fromkeys(c.device for c in cfgs):
         trainer.resolve_device(device)  # a clear ValueError for device=cuda without a GPU
-    study.check_fits(list(cfgs))  # before a sweep directory is made: a refused study leaves nothing behind
+    sweeps.check_fits(list(cfgs))  # before a sweep directory is made: a refused study leaves nothing behind
 
 
 def _check_data_and_runs_dir(todo, runs_dir: Path, prefix: str = "") -> None:
@@ -277,7 +277,8 @@ def _run(args) -> int:
     from lab import config
 
     cfg, sweep = _load(args, sweep_words=False)
-    from lab import study  # after the config is read: a missing file or a typo fails without the torch import
+    # after the config is read: a missing file or a typo fails without the torch import
+    from lab import study, sweeps
     if sweep:
         try:
             config.validate(cfg)
@@ -285,7 +286,7 @@ def _run(args) -> int:
             raise config.ConfigError(f"{e} (this file has a [sweep] table: train it with lab sweep)") from None
     runs_dir = Path(args.runs_dir)
     name = args.name or cfg.name
-    run = study.Run(config=cfg, name=name)
+    run = sweeps.Run(config=cfg, name=name)
     _check_before_training([cfg], [name])
     _check_data_and_runs_dir([run], runs_dir)
     if sweep:
@@ -329,8 +330,8 @@ def _sweep(args) -> int:
         cfg, runs = _study_runs(study_file, args)
     else:
         cfg, sweep = _load(args, sweep_words=True)
-        from lab import study  # after the config is read, as in _run
-        runs = study.sweep_runs(cfg, sweep)
+        from lab import sweeps  # after the config is read, as in _run
+        runs = sweeps.sweep_runs(cfg, sweep)
     from lab import study
     runs_dir = Path(args.runs_dir)
     name = args.name or cfg.name
@@ -375,7 +376,7 @@ def _claim_study(path: str) -> Path | None:
 
 def _study_runs(path: Path, args):
     """The runs of a claim study's grid, with fixed KEY=VALUE overrides applied to every run."""
-    from lab import claim_studies, config, study
+    from lab import claim_studies, config, sweeps
 
     if any(len(split_values(w.partition("=")[2])) > 1 for w in args.overrides):
         raise UsageError(f"{path} is a claim study: its sweep is in the file; give single values only")
@@ -384,7 +385,7 @@ def _study_runs(path: Path, args):
     if not st.grid:
         raise config.ConfigError(f"{path} trains nothing: measure '{st.measure}' measures the loss functions only; "
                                  f"run lab claims")
-    runs = study.name_runs([(config.from_flat({**config.to_flat(cfg), **fixed}), swept) for cfg, swept in st.grid])
+    runs = sweeps.name_runs([(config.from_flat({**config.to_flat(cfg), **fixed}), swept) for cfg, swept in st.grid])
     base = config.from_flat({"name": path.stem})
     return base, runs
 

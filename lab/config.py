@@ -401,7 +401,7 @@ def load(path: str | Path | None, overrides: list[str] | dict | None = None,
     Returns the config and its sweep (dotted key -> list of typed values, possibly empty): the file's
     `[sweep]` table updated by `sweep`; a fixed override of a swept key takes it out of the sweep.
     Without a sweep the config is fully validated; with one, only keys and types are checked here and
-    `lab.study.expand` validates every grid point.
+    `lab.sweeps.expand` validates every grid point.
     """
     table = read_toml(path) if path else {}
     file_sweep = table.pop("sweep", {})

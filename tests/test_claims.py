@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab import claim_comparison, claim_studies, claim_training, claims, cli, config, data, study
+from lab import claim_comparison, claim_studies, claim_training, claims, cli, config, data, sweeps
 from lab import claim_measures as cm
 from lab.claim_studies import Check, judge, verdict
 from lab.config import ConfigError
@@ -351,7 +351,7 @@ def _run(tmp_path, flat, summary, ds=None):
     d.mkdir()
     if ds is not None:
         ds.save(d / "data.npz")
-    return study.Run(cfg, d.name, {}, d, {"status": "completed", "steps": 100, **summary})
+    return sweeps.Run(cfg, d.name, {}, d, {"status": "completed", "steps": 100, **summary})
 
 
 def test_optimum_statistics_on_a_fixed_sample(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lab import config, data, figures, study, trainer
+from lab import config, data, figures, sweeps, trainer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -65,7 +65,7 @@ def test_run_and_sweep_figures_still_work(tmp_path):
     (res,) = trainer.train([cfg], [ds])
     pngs = figures.run_figures(cfg, ds, res)
     assert set(pngs) == {"fit", "residuals"} and all(p[:8] == PNG for p in pngs.values())
-    run = study.Run(cfg, "r", {}, tmp_path, {"final": {"convergence/gap": 0.5}})
+    run = sweeps.Run(cfg, "r", {}, tmp_path, {"final": {"convergence/gap": 0.5}})
     figures.sweep_figures([run], tmp_path)
     assert (tmp_path / "figures" / "final_gap.png").read_bytes()[:8] == PNG
     assert figures.LOSS_COLORS["mse"] == "tab:blue"  # the one colour per loss other figures rely on

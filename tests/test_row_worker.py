@@ -219,12 +219,12 @@ def test_ctrl_c_in_the_training_process_ends_the_runs_interrupted_with_their_row
 
 @needs_fork
 def test_a_study_of_several_populations_leaves_no_process_and_no_descriptor(monkeypatch, tmp_path):
-    from lab import study
+    from lab import study, sweeps
 
     monkeypatch.setenv("LAB_ROW_WORKER", "1")
     pids = _spy_pids(monkeypatch)
     fds = set(os.listdir("/proc/self/fd"))
-    runs = study.sweep_runs({"name": "two", "data.n": 100, "train.steps": 40, "train.figures": False},
+    runs = sweeps.sweep_runs({"name": "two", "data.n": 100, "train.steps": 40, "train.figures": False},
                             {"loss.name": ["mse", "huber"], "data.n": [100, 120]})  # two populations (n differs)
     _, interrupted = study.execute(runs, tmp_path)
     assert not interrupted and {r.summary["status"] for r in runs} == {"completed"}

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from lab import atomic, config, figures, rundir, study, trainer
+from lab import atomic, config, figures, rundir, study, sweeps, trainer
 from lab.events import EventWriter
 
 TINY = {"device": "cpu", "data.n": 40, "data.n_val": 20, "train.steps": 20, "train.log_every": 10,
@@ -24,7 +24,7 @@ TINY = {"device": "cpu", "data.n": 40, "data.n_val": 20, "train.steps": 20, "tra
 
 
 def _runs(*losses):
-    return [study.Run(config=config.from_flat({**TINY, "loss.name": loss}), name=f"clean-{loss}-s0") for loss in losses]
+    return [sweeps.Run(config=config.from_flat({**TINY, "loss.name": loss}), name=f"clean-{loss}-s0") for loss in losses]
 
 
 def test_a_figure_that_raises_costs_no_summary(tmp_path, monkeypatch, capsys):
@@ -190,7 +190,7 @@ def test_a_summary_is_never_durable_before_the_files_it_vouches_for(tmp_path, mo
     monkeypatch.setattr(os, "sync", lambda: snapshots.append(
         {p.relative_to(tmp_path).as_posix(): p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()}))
     monkeypatch.setattr(os, "fsync", fsyncs.append)
-    runs = [study.Run(config=config.from_flat({**TINY, "train.hist_every": 10, "loss.name": loss}),
+    runs = [sweeps.Run(config=config.from_flat({**TINY, "train.hist_every": 10, "loss.name": loss}),
                       name=f"clean-{loss}-s0") for loss in ("mse", "huber")]
     study.execute(runs, tmp_path)
     final = {p.relative_to(tmp_path).as_posix(): p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()}
@@ -232,7 +232,7 @@ def test_a_float64_run_trains_on_float64_data(tmp_path):
 
     from lab import data
 
-    runs = study.sweep_runs({"name": "f64", "dtype": "float64", "data.kind": "heavy_tailed", "data.n": 50,
+    runs = sweeps.sweep_runs({"name": "f64", "dtype": "float64", "data.kind": "heavy_tailed", "data.n": 50,
                              "train.steps": 3, "train.figures": False}, {"seed": [0, 1]})
     study.execute(runs, tmp_path)
     for r in runs:
@@ -255,7 +255,7 @@ def test_draw_data_draws_each_dataset_once_and_execute_trains_on_it(tmp_path, mo
         return real_make(kind, seed=seed, **kw)
 
     monkeypatch.setattr(data, "make", make)
-    runs = study.sweep_runs({**TINY, "name": "once"}, {"seed": [0, 1, 2]})
+    runs = sweeps.sweep_runs({**TINY, "name": "once"}, {"seed": [0, 1, 2]})
     study.draw_data(runs)
     drawn = [r.dataset for r in runs]
     assert calls == [0, 1, 2] and all(d is not None for d in drawn)
@@ -278,7 +278,7 @@ def test_draw_data_names_the_runs_whose_data_overflows_and_defers_other_errors(m
         return real_make(kind, seed=seed, **kw)
 
     monkeypatch.setattr(data, "make", make)
-    runs = study.sweep_runs({**TINY, "name": "big"}, {"data.target_scale": [1.0, 1e38], "seed": [0, 3]})
+    runs = sweeps.sweep_runs({**TINY, "name": "big"}, {"data.target_scale": [1.0, 1e38], "seed": [0, 3]})
     with pytest.raises(data.DataRangeError) as error:
         study.draw_data(runs)
     assert str(error.value).startswith("1 of 4 runs draw data their dtype cannot hold (data.target_scale=1e+38, "
@@ -286,13 +286,13 @@ def test_draw_data_names_the_runs_whose_data_overflows_and_defers_other_errors(m
     assert [r.dataset is not None for r in runs] == [True, False, False, False]
     # One run alone: its own message, nothing about counts.
     with pytest.raises(data.DataRangeError, match=r"^targets are not finite in float32 \("):
-        study.draw_data([study.Run(config=runs[2].config, name="one")])
+        study.draw_data([sweeps.Run(config=runs[2].config, name="one")])
 
 
 def test_overflowing_data_fails_its_run_alone_when_execute_draws_it(tmp_path):
     # The library path (lab claims, lab.bench) draws inside execute: the run is recorded as failed and
     # the others of its population still train.
-    runs = study.sweep_runs({**TINY, "name": "lib"}, {"data.target_scale": [1.0, 1e38, 2.0]})
+    runs = sweeps.sweep_runs({**TINY, "name": "lib"}, {"data.target_scale": [1.0, 1e38, 2.0]})
     study.execute(runs, tmp_path)
     assert [r.summary["status"] for r in runs] == ["completed", "failed", "completed"]
     assert runs[1].summary["error"].startswith("DataRangeError: targets are not finite in float32")
