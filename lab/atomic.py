@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -31,9 +32,18 @@ _SYNC_WAITS = sys.platform.startswith("linux") and hasattr(os, "sync")
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write via a temporary file in the same directory and rename it into place.
 
-    The temporary file is fsynced before the rename unless inside `deferred_sync()`.
+    The temporary file is fsynced before the rename unless inside `deferred_sync()`. A symlink's target
+    is what is replaced; a device or a pipe (`--csv /dev/stdout`) is written directly.
     """
-    path = Path(path)
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)  # (what a symlink points to)
+    except FileNotFoundError:
+        special = False
+    if special:  # a device or a pipe (/dev/stdout): written through, where a rename would replace the node
+        with open(path, "wb") as f:  # (a directory raises IsADirectoryError here, as the rename would)
+            f.write(data.encode() if isinstance(data, str) else data)
+        return
+    path = Path(os.path.realpath(path))  # a symlink's target is replaced, not the link
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

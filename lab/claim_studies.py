@@ -195,7 +195,7 @@ def _check(where: str, table, spec) -> Check:
     if stat not in STATS:
         raise ConfigError(f"{where}: check stat must be one of {', '.join(STATS)}; got {stat!r}")
     metric = table.get("metric")
-    if metric not in spec.labels:
+    if not isinstance(metric, str) or metric not in spec.labels:
         raise ConfigError(f"{where}: check metric {metric!r} is not measured (metrics: {', '.join(spec.labels)})"
                           f"{suggest(str(metric), spec.labels)}")
     bounds = {}

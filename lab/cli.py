@@ -335,8 +335,10 @@ def _sweep(args) -> int:
     from lab import study
     runs_dir = Path(args.runs_dir)
     name = args.name or cfg.name
-    _check_before_training([r.config for r in runs], [name])
+    _check_before_training([r.config for r in runs], [name] + [r.name for r in runs])
     sweep_dir = runs_dir / name
+    if args.resume and sweep_dir.exists() and not sweep_dir.is_dir():
+        raise UsageError(f"resume: {sweep_dir} is not a sweep directory (a file has that name)")
     resume = args.resume and sweep_dir.exists()
     todo = _resume(runs, sweep_dir) if resume else runs
     # Data that overflows refuses the whole sweep, as any other bad value does: such a run could only

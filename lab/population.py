@@ -292,9 +292,11 @@ def build(cfgs, datasets, device, dtype):
     nan = float("nan")
     ref_loss = torch.tensor([r.loss if r else nan for r in refs], dtype=dtype, device=device)  # training units
     # Converged: gap <= converge_tol * |optimal loss|. For an (almost) exact fit the optimal loss is ~0, so
-    # the scale floor is float rounding of the loss itself (eps * mean y^2), not a fixed number that would
-    # swamp the relative rule for targets of scale 1e-6.
-    floor = torch.finfo(dtype).eps * (y * y).mean(1)
+    # the scale floor is the float rounding of the loss itself, eps times the loss of predicting 0 (for mse
+    # eps * mean y^2), not a fixed number that would swamp the relative rule for targets of scale 1e-6. In
+    # the loss's own units: a huber delta of 1e-10 makes losses of ~1e-10 |y|, which eps * mean y^2 would
+    # have called converged before a run had moved.
+    floor = torch.finfo(dtype).eps * _loss_of_zero(blocks, root, k).abs()
     tol = torch.tensor([c.train.converge_tol for c in cfgs], dtype=dtype, device=device) * torch.maximum(
         ref_loss.abs(), floor)
     named_keys = named_param_keys(model.kind, k)
@@ -309,6 +311,13 @@ def build(cfgs, datasets, device, dtype):
                       moments=log_row.ResidualMoments(x, y) if line else None,
                       largest=log_row.LargestResiduals(x, y3, model.kind, k, candidates) if candidates else None)
     return pop, P, refs, tol, named_keys, shapes
+
+
+def _loss_of_zero(blocks: list[Block], root: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Each run's training loss [N] (training units) when it predicts 0 everywhere: e = -y."""
+    sums = [blk.terms((-blk.y3).expand(-1, -1, k).contiguous(), **blk.params)[1] for blk in blocks]
+    m = _join(sums) / (blocks[0].y3.shape[1] * k)
+    return m if root is None else torch.where(root, m.clamp_min(0).sqrt(), m)
 
 
 def named_param_keys(kind: str, k: int) -> list[str]:

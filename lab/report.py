@@ -164,7 +164,13 @@ class MeanStd:
         finite = [v for v in values if v is not None and math.isfinite(v)]
         if not finite:
             return None
-        return cls(statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite), of)
+        # Values near the float64 limit (a diverging run's 1e308) overflow the mean's sum and the std's
+        # squares: those are computed on the values scaled by a power of two, exactly, and scaled back.
+        largest = max(abs(v) for v in finite)
+        scale = math.ldexp(1.0, math.frexp(largest)[1] - 1) if largest > 2.0**500 else 1.0  # <= largest
+        scaled = [v / scale for v in finite]
+        std = statistics.stdev(scaled) * scale if len(finite) > 1 else None
+        return cls(statistics.fmean(scaled) * scale, std, len(finite), of)
 
     def __str__(self) -> str:
         text = rundir.fmt(self.mean) if self.std is None else f"{rundir.fmt(self.mean)} ± {self.std:.2g}"
@@ -172,9 +178,15 @@ class MeanStd:
 
 
 def _num(v) -> float | None:
+    """A summary's number as a float; None for anything else, a non-finite value, or an integer past the
+    float range (a hand-edited summary.json may hold any of them)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return float(v) if math.isfinite(v) else None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _order(v):
@@ -186,7 +198,8 @@ def _order(v):
 
 def _exact(v) -> str:
     """A config value as an exact, hashable key (JSON): what grouping and 'does this key differ' compare."""
-    return json.dumps(rundir.jsonable(v), sort_keys=True)
+    # default=str: a hand-written config.toml may hold what JSON has no type for (a TOML date)
+    return json.dumps(rundir.jsonable(v), sort_keys=True, default=str)
 
 
 def _text(v, exact: bool = False) -> str:

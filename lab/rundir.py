@@ -26,15 +26,17 @@ from pathlib import Path
 import tomli_w
 
 from lab.atomic import write_atomic  # re-exported: run-directory code calls rundir.write_atomic
+from lab.config import name_problem
 
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
 
 
 def check_name(name: str) -> str:
-    """A run or sweep name must be one plain path component (no '/', no '..')."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
-        raise ValueError(f"run name must be a plain name without '/', '\\' or a leading '.'; got {name!r}")
+    """A run or sweep name must be one plain directory name: the config's rule (lab.config.name_problem)."""
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(f"name: {problem}")
     return name
 
 

@@ -3,6 +3,7 @@ runs fit in memory. lab.study trains them."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ from pathlib import Path
 from lab import config as config_mod
 from lab import data
 from lab.config import Config, ConfigError
+
+# Run names longer than this (bytes of UTF-8) are cut: TensorBoard's run list shows far less anyway.
+LONG_NAME = 120
 
 
 @dataclass
@@ -81,7 +85,8 @@ def _not_taken(flat: dict, swept: dict) -> list[str]:
 
 
 def run_name(cfg: Config, swept: dict) -> str:
-    """Name from what differs: <data.kind>-<loss.name>[-<key><value>...]-s<seed>.
+    """Name from what differs: <data.kind>-<loss.name>[-<key><value>...]-s<seed>; past LONG_NAME bytes the
+    middle is cut and a hash of it added (-h<8 hex digits>), so a name stays a valid directory name.
 
     Loss and data kind always lead, so TensorBoard's run filter (regex over run names) and its colours
     group runs by loss or data; every other swept key follows as its last name part and its value.
@@ -93,9 +98,14 @@ def run_name(cfg: Config, swept: dict) -> str:
         short = key.split(".")[-1]
         text = "_".join(map(_short, value)) if isinstance(value, (list, tuple)) else _short(value)
         parts.append(f"{short}{text}")
-    parts.append(f"s{cfg.seed}")
-    name = "-".join(parts)
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    seed = f"-s{cfg.seed}"
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in "-".join(parts))
+    if len((name + seed).encode()) > LONG_NAME:
+        # Cut, with a hash of the whole name, so that runs which differ only past the cut keep their own
+        # names (a swept list of 100 layer widths would otherwise make a name no file system takes).
+        tag = "-h" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = name.encode()[:LONG_NAME - len(tag) - len(seed.encode())].decode(errors="ignore") + tag
+    return name + seed
 
 
 def _short(v) -> str:

@@ -74,3 +74,28 @@ def test_deferring_is_per_thread_and_survives_an_exception(tmp_path, calls):
     assert [kind for kind, _ in calls] == ["fsync", "sync"]  # left through an exception: still synced
     atomic.write_atomic(tmp_path / "after", "y")
     assert calls[-1][0] == "fsync"
+
+
+def test_a_symlink_keeps_pointing_at_its_target_which_is_replaced(tmp_path):
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic.write_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["link.csv", "real.csv"]
+
+
+def test_a_pipe_is_written_through_not_replaced(tmp_path):
+    # A rename would put a regular file where the FIFO (or a device: `--csv /dev/stdout`) was.
+    import os
+    import stat
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    atomic.write_atomic(fifo, "through the pipe")
+    reader.join(timeout=10)
+    assert got == [b"through the pipe"] and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert [f.name for f in tmp_path.iterdir()] == ["out.fifo"]

@@ -146,6 +146,18 @@ BAD = [
     ({"loss.name": "smooth_l1", "loss.beta": 1e-31}, "loss.beta = 1e-31 is below 1e-30"),
     ({"loss.name": "cauchy", "loss.scale": 1e-35}, "loss.scale = 1e-35 is below 1e-30"),
     ({"loss.name": "tukey", "loss.c": 5e-324}, "loss.c = 5e-324 is below 1e-30"),
+    # Names become directories: the file system's 255 bytes, less room for -2, -3, ...
+    ({"name": "a b"}, "name: use letters"),
+    ({"name": "x" * 201}, "name: at most 200 bytes"),
+    # Past float32's largest value (3.4028e38) a loss parameter or learning rate would be inf in the run.
+    ({"loss.name": "huber", "loss.delta": 1e300}, "loss.delta = 1e+300 does not fit float32"),
+    ({"loss.name": "general", "loss.alpha": -1e39}, "loss.alpha = -1e+39 does not fit float32"),
+    ({"optim.lr": 1e39}, "optim.lr = 1e+39 does not fit float32"),
+    # Steps 0..1000 decay three times (step_size 1001 // 3 = 333): 0.05 * 1e20^3 passes float32's range,
+    # 0.05 * 1e300^3 float64's.
+    ({"optim.schedule": "step", "optim.gamma": 1e20}, "optim.gamma = 1e+20: the learning rate of schedule 'step' grows"),
+    ({"optim.schedule": "step", "optim.gamma": 1e300, "dtype": "float64"}, "grows past float64's range"),
+    ({"data.n": -3}, "data: n=-3 is not allowed"),  # (not "batch_size is larger than data.n")
 ]
 
 
@@ -155,6 +167,16 @@ def test_bad_values_give_one_line_naming_the_problem(values, message):
         config.from_flat(values)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_values_that_fit_the_dtype_are_accepted():
+    # The same values the float32 run refuses fit float64; float32's own largest value fits float32, and
+    # -inf is Barron's alpha limit, not an overflow. A decay (gamma < 1) never grows.
+    assert config.from_flat({"loss.name": "huber", "loss.delta": 1e300, "dtype": "float64"}).loss.delta == 1e300
+    assert config.from_flat({"loss.name": "huber", "loss.delta": 3.4028234663852886e38}).loss.delta > 3e38
+    assert config.from_flat({"loss.name": "general", "loss.alpha": float("-inf")}).loss.alpha == float("-inf")
+    assert config.from_flat({"optim.schedule": "step", "optim.gamma": 1e-300}).optim.gamma == 1e-300
+    assert config.from_flat({"optim.schedule": "step", "optim.gamma": 1e12}).optim.gamma == 1e12  # 5e34 fits
 
 
 def test_malformed_toml_names_file_line_and_column(tmp_path):

@@ -4,6 +4,9 @@ import argparse
 import csv
 import io
 import json
+import math
+import statistics
+from fractions import Fraction
 
 import pytest
 
@@ -159,3 +162,30 @@ def _empty(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+def test_numbers_past_the_float_range_are_shown_not_raised(tmp_path, capsys):
+    # Hand-edited summaries: an integer no float holds (10^400) and losses near the float64 limit, whose
+    # sum overflows. The integer is not a number for the report; the mean and std are the exact ones:
+    # mean(1.5e308, 1.7e308) = 1.6e308 (float(Fraction sum / 2)), std = |1.7e308 - 1.5e308| / sqrt(2).
+    root = tmp_path / "sw"
+    make_run(root, "clean-mse-s0", "mse", 0, 1.5e308, 2.0, 10**400)
+    make_run(root, "clean-mse-s1", "mse", 1, 1.7e308, 2.0, 10)
+    assert report.main(args(root)) == 0
+    assert report.main(args(root, by="loss.name")) == 0
+    t = report.aggregate(report.load_runs(root), ["loss.name"])
+    loss = dict(zip(t.header, t.rows[0]))["loss"]
+    assert loss.mean == float((Fraction(1.5e308) + Fraction(1.7e308)) / 2)
+    assert loss.std == pytest.approx((1.7e308 - 1.5e308) / math.sqrt(2), rel=1e-15)
+    assert report.MeanStd.of([1.0, 2.0, 4.0]).std == statistics.stdev([1.0, 2.0, 4.0])  # unscaled: as before
+
+
+def test_a_hand_written_config_with_a_toml_date_is_reported(sweep, capsys):
+    # TOML has dates; JSON, which groups the report's keys, has none. A broken run's config.toml with one
+    # is listed like any other broken run.
+    (sweep / "dated").mkdir()
+    (sweep / "dated" / "config.toml").write_text("seed = 1979-05-27\n")
+    assert report.main(args(sweep)) == 0
+    assert report.main(args(sweep, by="seed")) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "broken" in lines["dated"]

@@ -32,11 +32,13 @@ def test_concurrent_creators_get_distinct_directories(tmp_path):
     assert sorted(p.name for p in out) == sorted(["race"] + [f"race-{i}" for i in range(2, 9)])
 
 
-@pytest.mark.parametrize("bad", ["a/b", "..", ".", "", ".hidden", "x\\y"])
-def test_names_that_escape_are_refused(tmp_path, bad):
-    with pytest.raises(ValueError, match="plain name"):
+@pytest.mark.parametrize("bad", ["a/b", "..", ".", "", ".hidden", "x\\y", "a b", "new\nline", "x" * 201])
+def test_names_that_escape_or_no_file_system_takes_are_refused(tmp_path, bad):
+    # The config's own rule for `name` (lab.config.name_problem), also for --name and run names.
+    with pytest.raises(ValueError, match="name: (use letters|at most 200 bytes)"):
         rundir.create(tmp_path, bad)
     assert list(tmp_path.iterdir()) == []
+    assert rundir.create(tmp_path, "ünïcode-1.5_x").name == "ünïcode-1.5_x"
 
 
 def test_write_atomic_leaves_no_temporary_and_replaces_whole(tmp_path):

@@ -2,6 +2,8 @@
 data parameter, and the runs' names. Expected grids and names are written out by hand from the rules in
 lab.sweeps' docstrings."""
 
+import re
+
 import pytest
 
 from lab import config, sweeps
@@ -50,3 +52,18 @@ def test_run_names_say_what_differs_and_never_repeat():
     base, sweep = config.load(None, [], sweep={"optim.lr": [0.1, 0.1000001]})
     names = [r.name for r in sweeps.sweep_runs(base, sweep)]
     assert names == ["clean-mse-lr0.1-s0", "clean-mse-lr0.1-s0-2"]
+
+
+def test_a_name_past_LONG_NAME_bytes_is_cut_with_a_hash_of_the_whole_name():
+    # Width lists of 130 and 131 layers: the same first 100 characters, different names; each cut to
+    # LONG_NAME bytes, still led by data kind and loss and ended by the seed; a short name is untouched.
+    base, sweep = config.load(None, ["model.kind=mlp", "seed=4"], sweep={"model.hidden": [[3], [2] * 130, [2] * 131]})
+    short, long1, long2 = [r.name for r in sweeps.sweep_runs(base, sweep)]
+    assert short == "clean-mse-hidden3-s4"
+    for name in (long1, long2):
+        assert len(name.encode()) == sweeps.LONG_NAME and name.startswith("clean-mse-hidden2_2_2")
+        assert name.endswith("-s4") and re.search(r"-h[0-9a-f]{8}-s4$", name)
+    assert long1 != long2
+    # Multi-byte letters are cut on a character boundary: the name is still valid UTF-8 within the limit.
+    name = sweeps.run_name(base, {"name": "é" * 200})
+    assert len(name.encode()) <= sweeps.LONG_NAME and config.name_problem(name) is None

@@ -337,3 +337,32 @@ def test_population_on_cuda_equals_the_same_population_on_cpu(model, batch_size)
         assert (s1, t1) == (s2, t2)
         assert np.allclose(lo2, lo1, rtol=1e-9) and np.allclose(hi2, hi1, rtol=1e-9)
         assert np.abs(c2 - c1).sum() <= 2 * len(c1)  # a point on a bin edge may fall either side
+
+
+def test_the_loss_of_predicting_zero_is_each_losss_own_mean_over_the_targets():
+    # Expected: the elementwise formula of lab.losses at input 0, target y, averaged (rmse: its root), in
+    # float64: the convergence floor is eps times this, in the loss's own units (lab.population.build).
+    cfgs = [cfg(**{"data.kind": "outliers", "data.n": 60, "loss.name": name, **extra, "seed": i})
+            for i, (name, extra) in enumerate([("mse", {}), ("mae", {}), ("rmse", {}), ("huber", {"loss.delta": 0.3}),
+                                               ("quantile", {"loss.tau": 0.8}), ("log_cosh", {})])]
+    cfgs = sorted(cfgs, key=lambda c: c.loss.name)  # the population's layout: runs contiguous by loss
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    pop, *_ = population.build(cfgs, datasets, torch.device("cpu"), torch.float64)
+    got = population._loss_of_zero(pop.blocks, pop.root, pop.k)
+    for i, (c, ds) in enumerate(zip(cfgs, datasets)):
+        s = losses.spec(c.loss.name)
+        y = ds.y.double()
+        expected = s.fn(torch.zeros_like(y), y, **config.loss_params(c)).mean()
+        expected = expected.sqrt() if s.root else expected
+        assert got[i].item() == pytest.approx(expected.item(), rel=1e-12), c.loss.name
+
+
+def test_a_run_too_small_a_loss_scale_to_move_is_not_called_converged():
+    # Huber with delta 1e-10 in float32: its losses are ~1e-10 |y|, its steps ~lr * 1e-10, so in 20 steps the
+    # gap stays at the optimal loss's own size (~1.4e-10). A floor of eps * mean y^2 (~1e-9 here: MSE's
+    # units) called it converged at step 0; in the loss's own units the floor is ~1e-17, below the gap.
+    c = config.from_flat({"device": "cpu", "dtype": "float32", "train.figures": False, "loss.name": "huber",
+                          "loss.delta": 1e-10, "data.kind": "outliers", "data.n": 50, "train.steps": 20})
+    (res,), _, _ = train([c])
+    assert res.final["convergence/gap"] > 0.5 * res.reference["loss"] > 0
+    assert res.steps_to_converge is None

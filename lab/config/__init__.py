@@ -27,6 +27,7 @@ from lab.config.parse import (  # noqa: F401 (re-exported)
     read_toml,
 )
 from lab.config.schema import (  # noqa: F401 (re-exported)
+    MAX_NAME_BYTES,
     NEUTRAL_KEYS,
     SECTIONS,
     Config,
@@ -42,6 +43,7 @@ from lab.config.schema import (  # noqa: F401 (re-exported)
     keys,
     loss_params,
     n_outputs,
+    name_problem,
     suggest,
     to_dict,
     to_flat,

@@ -3,7 +3,18 @@ take. One ConfigError, one line, per problem."""
 
 from __future__ import annotations
 
-from lab.config.schema import Config, ConfigError, _loss_params, _toml_value, data_params, suggest, to_flat
+import math
+
+from lab.config.schema import (
+    Config,
+    ConfigError,
+    _loss_params,
+    _toml_value,
+    data_params,
+    name_problem,
+    suggest,
+    to_flat,
+)
 
 MAX_SEED = 2**62  # lab.data seeds its validation generator with 2 * seed + 1, which must fit an int64
 MAX_STEPS = 100_000_000  # the trainer's tables (learning rate per step, log steps) grow with the steps
@@ -27,8 +38,9 @@ def validate(cfg: Config) -> None:
         v = flat[key]
         if v not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {v!r}")
-    if not all(c.isalnum() or c in "-_." for c in cfg.name) or cfg.name in ("", ".", ".."):
-        raise ConfigError(f"name: use letters, digits, '-', '_' and '.' only (no '/' or '..'); got {cfg.name!r}")
+    problem = name_problem(cfg.name)
+    if problem:
+        raise ConfigError(f"name: {problem}")
     o, t = cfg.optim, cfg.train
     checks = [
         ("optim.lr", o.lr > 0, "must be > 0"),
@@ -56,8 +68,7 @@ def validate(cfg: Config) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key} {why}; got {flat[key]!r}")
-    if t.batch_size > cfg.data.n:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) is larger than data.n ({cfg.data.n})")
+    _check_fits_dtype(cfg)
     # Loss and data: every parameter that was set must be one the loss (data kind) takes, and in range.
     try:
         taken = losses.spec(cfg.loss.name).params
@@ -90,10 +101,44 @@ def validate(cfg: Config) -> None:
         data.check(cfg.data.kind, **data_params(cfg.data))
     except ValueError as e:
         raise ConfigError(f"data: {_one_line(e)}") from None
+    if t.batch_size > cfg.data.n:  # (after data.n itself is checked)
+        raise ConfigError(f"train.batch_size ({t.batch_size}) is larger than data.n ({cfg.data.n})")
     try:
         models.make(cfg.model.kind, hidden=cfg.model.hidden, activation=cfg.model.activation)
     except ValueError as e:
         raise ConfigError(f"model: {_one_line(e)}") from None
+
+
+def _check_fits_dtype(cfg: Config) -> None:
+    """Loss parameters and learning rates the run's dtype can hold. Past its range a float32 run would
+    turn a loss parameter into inf (a population silently, a run alone with an error) and a learning
+    rate into inf (a run that diverges at once); a schedule can overflow even float64 (gamma^k)."""
+    import torch
+
+    from lab.optim import lr_at
+
+    largest = torch.finfo(getattr(torch, cfg.dtype)).max
+    fix = " or dtype = \"float64\"" if cfg.dtype == "float32" else ""
+    for pname, value in _loss_params(cfg.loss).items():
+        for v in value if isinstance(value, list) else [value]:
+            if math.isfinite(v) and abs(v) > largest:
+                raise ConfigError(f"loss.{pname} = {v!r} does not fit {cfg.dtype} (largest {largest:.4g}); "
+                                  f"use a smaller value{fix}")
+    o, steps = cfg.optim, cfg.train.steps
+    schedule = {"lr": o.lr, "schedule": o.schedule, "gamma": o.gamma, "step_size": o.step_size,
+                "min_lr_ratio": o.min_lr_ratio, "warmup_steps": o.warmup_steps}
+    # Every schedule is monotone apart from its warm-up: its largest rate is at one of these steps.
+    at = {0, steps, min(max(o.warmup_steps - 1, 0), steps), min(o.warmup_steps, steps)}
+    try:
+        peak = max(lr_at(s, steps + 1, **schedule) for s in at)
+    except OverflowError:
+        peak = math.inf
+    if not peak <= largest:
+        if o.lr > largest:
+            raise ConfigError(f"optim.lr = {o.lr!r} does not fit {cfg.dtype} (largest {largest:.4g}); "
+                              f"use a smaller value{fix}")
+        raise ConfigError(f"optim.gamma = {o.gamma!r}: the learning rate of schedule '{o.schedule}' grows past "
+                          f"{cfg.dtype}'s range within {steps} steps; use a smaller gamma or lr{fix}")
 
 
 def _one_line(e: Exception) -> str:

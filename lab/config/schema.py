@@ -13,6 +13,19 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
 NEUTRAL_KEYS = ("name", "train.figures", "device")  # keys that never change a run's numbers
+# A name becomes a directory: file systems take 255 bytes, and a repeated name gets -2, -3, ... (lab.rundir)
+MAX_NAME_BYTES = 200
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot name a run or a sweep (a plain directory name), or None: letters, digits, '-', '_'
+    and '.', not starting with '.', at most MAX_NAME_BYTES bytes of UTF-8."""
+    if not isinstance(name, str) or not name or name.startswith(".") \
+            or not all(c.isalnum() or c in "-_." for c in name):
+        return f"use letters, digits, '-', '_' and '.' only, not starting with '.' (no '/' or '..'); got {name!r}"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"at most {MAX_NAME_BYTES} bytes (a directory name); got {len(name.encode())}: {name[:40]!r}..."
+    return None
 
 
 class ConfigError(ValueError):
@@ -130,7 +143,7 @@ class TrainConfig:
     hist_every: int = 200
     """steps between histograms (0: off)"""
     converge_tol: float = 1e-3
-    """converged once the gap to the exact optimum stays below converge_tol * |optimal loss| (plus 1e-12)"""
+    """converged once the gap to the exact optimum stays below converge_tol * max(|optimal loss|, eps * loss of predicting 0)"""
     window: int = 50
     """sliding window (steps) of the oscillation metrics"""
     figures: bool = True
