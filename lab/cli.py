@@ -222,9 +222,12 @@ def _load(args, sweep_words: bool):
     """The base config and its sweep (KEY=V1,V2 words sweep in `lab sweep`)."""
     from lab import config
 
-    fixed, swept = [], {}
+    fixed, swept, given = [], {}, {}
     for word in args.overrides:
         key, eq, text = word.partition("=")
+        if eq and key.strip() in given:  # which of the two would win is a guess: ask for one
+            raise UsageError(f"{key.strip()} is given twice on the command line ({given[key.strip()]} and {word})")
+        given[key.strip()] = word
         values = split_values(text) if eq else [text]
         if len(values) > 1 and not sweep_words:
             raise UsageError(f"{word}: several values; lab run trains one config (lab sweep trains each value)")
@@ -276,6 +279,9 @@ def _cuda() -> bool:
 def _run(args) -> int:
     from lab import config
 
+    if args.config and _claim_study(args.config) is not None:
+        raise UsageError(f"{args.config} is a claim study: lab sweep {args.config} trains its grid, "
+                         f"lab claims measures every claim")
     cfg, sweep = _load(args, sweep_words=False)
     # after the config is read: a missing file or a typo fails without the torch import
     from lab import study, sweeps
@@ -407,8 +413,9 @@ def _resume(runs, sweep_dir: Path):
         d = sweep_dir / r.name
         if d.is_dir():
             s = rundir.read_summary(d)
-            if s.get("status") == "completed":
-                _check_same_config(d, s.get("config") or {}, rundir.jsonable(config.to_flat(r.config)))
+            # (a completed summary without its config cannot vouch for the run: it is trained again)
+            if s.get("status") == "completed" and isinstance(s.get("config"), dict):
+                _check_same_config(d, s["config"], rundir.jsonable(config.to_flat(r.config)))
                 r.summary, r.dir = s, d
                 continue
             r.dir = d

@@ -258,6 +258,31 @@ def test_resume_retrains_only_unfinished_runs(tiny, tmp_path, capsys):
     assert (sweep_dir / "outliers-mse-s0" / "summary.json").read_text() == kept
 
 
+def test_resume_retrains_a_completed_summary_that_lost_its_config(tiny, tmp_path, capsys):
+    # A summary that says completed but holds no config cannot vouch for the run: trained again, where
+    # the config check used to report "was trained with data.intercept = None".
+    words = ["sweep", tiny, "seed=0,1", "--runs-dir", tmp_path]
+    assert run_in_process(capsys, *words)[0] == 0
+    (tmp_path / "tiny" / "outliers-mse-s1" / "summary.json").write_text('{"status": "completed"}')
+    rc, out, err = run_in_process(capsys, *words, "--resume")
+    assert rc == 0 and "resume: 1 of 2 runs already completed" in err
+    assert rundir.read_summary(tmp_path / "tiny" / "outliers-mse-s1")["config"]["seed"] == 1
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused(tiny, tmp_path, capsys):
+    # seed=0,1 seed=2: the sweep used to win whatever the order; which one was meant is a guess.
+    for words in (["seed=0,1", "seed=2"], ["seed=2", "seed=0,1"], ["optim.lr=0.1", "optim.lr=0.2"]):
+        rc, _, err = run_in_process(capsys, "sweep", tiny, *words, "--runs-dir", tmp_path)
+        assert rc == 2 and "is given twice on the command line" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
+def test_lab_run_on_a_claim_study_says_how_to_train_it(tmp_path, capsys):
+    study = ROOT / "experiments" / "penalty_scaling.toml"
+    rc, _, err = run_in_process(capsys, "run", study, "--runs-dir", tmp_path)
+    assert rc == 2 and "is a claim study: lab sweep" in one_error_line(err)
+
+
 def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
     assert run_in_process(capsys, "sweep", tiny, "seed=0,1", "--runs-dir", tmp_path)[0] == 0
     rc, _, err = run_in_process(capsys, "sweep", tiny, "seed=0,1", "train.steps=30", "--runs-dir", tmp_path,
