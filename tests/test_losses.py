@@ -455,10 +455,16 @@ def test_validation_errors():
 
 
 @pytest.mark.parametrize("name,params,message", [
-    ("huber", {"delta": -1.0}, "huber: delta must be > 0, got -1.0"),
-    ("huber", {"delta": 0}, "huber: delta must be > 0, got 0.0"),
-    ("pseudo_huber", {"delta": torch.tensor([1.0, -2.0, 3.0])}, "pseudo_huber: delta must be > 0, got [-2.0]"),
-    ("smooth_l1", {"beta": -0.5}, "smooth_l1: beta must be >= 0, got -0.5"),
+    ("huber", {"delta": -1.0}, "huber: delta must be > 0 and finite, got -1.0"),
+    ("huber", {"delta": 0}, "huber: delta must be > 0 and finite, got 0.0"),
+    ("pseudo_huber", {"delta": torch.tensor([1.0, -2.0, 3.0])},
+     "pseudo_huber: delta must be > 0 and finite, got [-2.0]"),
+    ("smooth_l1", {"beta": -0.5}, "smooth_l1: beta must be >= 0 and finite, got -0.5"),
+    # A scale of inf is a limit (huber: 0.5 MSE), not a value: the formulas would give inf / inf = NaN.
+    ("huber", {"delta": math.inf}, "huber: delta must be > 0 and finite, got inf"),
+    ("smooth_l1", {"beta": math.inf}, "smooth_l1: beta must be >= 0 and finite, got inf"),
+    ("tukey", {"c": math.inf}, "tukey: c must be > 0 and finite, got inf"),
+    ("cauchy", {"scale": torch.tensor([1.0, math.inf])}, "cauchy: scale must be > 0 and finite, got [inf]"),
     ("quantile", {"tau": 1.0}, "quantile: tau must be in (0, 1), got 1.0"),
     ("quantile", {"tau": [0.1, 1.5]}, "quantile: tau must be in (0, 1), got [1.5]"),
     ("expectile", {"tau": 0.0}, "expectile: tau must be in (0, 1), got 0.0"),
@@ -571,3 +577,45 @@ def test_device_preserved(device):
     assert learnable(x, y).device.type == device
     levels = L.QuantileLoss([0.2, 0.8]).to(device)  # the levels buffer follows .to(device)
     assert levels(x.view(6, 2), y.view(6, 2)[:, 0]).device.type == device
+
+
+@pytest.mark.parametrize("name,torch_loss", [("huber", nn.HuberLoss), ("smooth_l1", nn.SmoothL1Loss)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_small_residuals_get_torchs_gradient_to_the_last_bits(name, torch_loss, scale):
+    # Where training converges, |e| << delta: the gradient must be e (huber) or e / beta (smooth L1) to a few
+    # ulps, not within an absolute tolerance. An earlier form summed delta and (m - delta) and gave 1.013e-6
+    # at e = 1e-6 in float32, and exactly 0 at e = 1e-8. Expected: torch.nn's own modules.
+    x = torch.tensor([1e-6, -1e-8, 3e-5, 1e-30], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    param = {"huber": "delta", "smooth_l1": "beta"}[name]
+    L.build(name, "sum", **{param: scale})(x, torch.zeros(4)).backward()
+    torch_loss(reduction="sum", **{param: scale})(x_ref, torch.zeros(4)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=2.5e-7, atol=0)
+
+
+@pytest.mark.parametrize("name,param,value,e,expected", [
+    # float64 closed forms: tukey c^2/6 (1 - (1 - (e/c)^2)^3) -> e^2/2 (1 - s + s^2/3) ~ 0.5 for c >> e;
+    # cauchy (s^2/2) log1p((e/s)^2) by math.log1p; pseudo-Huber d^2 (sqrt(1 + (e/d)^2) - 1) ~ d |e| - d^2.
+    ("tukey", "c", 1e20, 1.0, 0.5),
+    ("cauchy", "scale", 1e20, 1.0, 0.5 * 1e40 * math.log1p(1e-40)),
+    ("cauchy", "scale", 1.0, 1e20, 0.5 * math.log1p(1e40)),
+    ("pseudo_huber", "delta", 1.0, 1e20, 1e20 - 1.0),
+    ("pseudo_huber", "delta", 2.0, -3e25, 2.0 * 3e25 - 4.0),
+])
+def test_scales_and_residuals_far_from_1_stay_finite_in_float32(name, param, value, e, expected):
+    # Accepted parameters and finite residuals whose squares overflow float32 (past ~1.8e19): the loss is
+    # finite and right, and its gradient equals psi (no NaN from an overflowing intermediate).
+    x = torch.tensor([e], requires_grad=True)
+    v = L.spec(name).fn(x, torch.zeros(1), **{param: value})
+    (g,) = torch.autograd.grad(v.sum(), x)
+    assert v.item() == pytest.approx(expected, rel=1e-6)
+    psi = L.spec(name).psi(x.detach(), torch.zeros(1), **{param: value})
+    assert torch.isfinite(g).all() and torch.isfinite(psi).all()
+    torch.testing.assert_close(g, psi, rtol=1e-5, atol=0)
+
+
+def test_a_tiny_cauchy_scale_gives_the_tiny_loss_it_should():
+    # scale 1e-20, e = 1: (s^2/2) log1p((e/s)^2) = 4.6e-39 (float64 by math.log1p), a float32 denormal;
+    # its gradient (1e-40) underflows in autograd's order of products, so only the value is checked.
+    v = L.cauchy(torch.ones(1), torch.zeros(1), scale=1e-20)
+    assert v.item() == pytest.approx(0.5 * 1e-40 * math.log1p(1e40), rel=1e-4)

@@ -99,13 +99,14 @@ def huber(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
     delta > 0: the transition point. delta -> inf is 0.5*MSE; huber(delta) / delta -> MAE as delta -> 0;
     huber(delta=d) == d * smooth_l1(beta=d).
     """
-    a, d = (input - target).abs(), _param(delta, input)
-    # With m = min(|e|, delta) as a clamp, d/de[0.5 m^2 + delta (|e| - m)] = m dm + delta (sign e - dm), which
-    # is delta*sign(e) at |e| = delta whatever share of the tie autograd gives the clamp (a tensor delta
-    # splits it 1/2-1/2): the gradient is exactly clamp(e, -delta, delta), as in torch.nn.HuberLoss
-    # (optax: "avoids potentially doubling gradient").
-    m = a.clamp(max=d)
-    return 0.5 * m.square() + d * (a - m)
+    e, d = input - target, _param(delta, input)
+    # psi (e - psi/2) with psi = clamp(e, -delta, delta) (lab.fused computes it so too): e^2/2 inside, delta
+    # (|e| - delta/2) outside. Its autograd gradient is exactly psi: (e - psi/2) dpsi + psi (1 - dpsi/2) is
+    # e/2 + e/2 inside and psi outside, and psi at |e| = delta whatever share of the tie autograd gives the
+    # clamp (optax: "avoids potentially doubling gradient"). The form 0.5 m^2 + delta (|e| - m), m = min(|e|,
+    # delta), has the same value, but its gradient sums delta and m - delta: 1.013e-6 at e = 1e-6 in float32.
+    psi = torch.clamp(e, min=-d, max=d) if isinstance(d, Tensor) else e.clamp(-d, d)
+    return psi * (e - 0.5 * psi)
 
 
 @_float32_for_half
@@ -121,12 +122,14 @@ def smooth_l1(input: Tensor, target: Tensor, beta=1.0) -> Tensor:
 
     beta >= 0. beta = 0 is exactly MAE, with finite gradients. smooth_l1(beta) == huber(delta=beta) / beta.
     """
-    a, b = (input - target).abs(), _param(beta, input)
-    # Same clamp form as huber. Dividing by beta only where beta > 0 keeps every term finite at beta = 0
-    # (then m = 0): a NaN in an unselected branch would still poison the gradient.
-    m = a.clamp(max=b)
-    b_safe = torch.where(b > 0, b, 1.0) if isinstance(b, Tensor) else (b if b > 0 else 1.0)
-    return 0.5 * m.square() / b_safe + (a - m)
+    e, b = input - target, _param(beta, input)
+    # Huber's psi form divided by beta (its gradient is exactly psi / beta: see huber), and |e| at beta = 0.
+    # Dividing by beta only where beta > 0 keeps every term finite at beta = 0 (then psi = 0): a NaN in an
+    # unselected branch would still poison the gradient.
+    psi = torch.clamp(e, min=-b, max=b) if isinstance(b, Tensor) else e.clamp(-b, b)
+    if isinstance(b, Tensor):
+        return torch.where(b > 0, psi * (e - 0.5 * psi) / torch.where(b > 0, b, 1.0), e.abs())
+    return psi * (e - 0.5 * psi) / b if b > 0 else e.abs()
 
 
 @_float32_for_half
@@ -225,14 +228,17 @@ def pseudo_huber(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
     ``e^2 / (1 + sqrt(1 + (e/delta)^2))``, which does not cancel to 0 for small e.
     """
     e, d = input - target, _param(delta, input)
-    return e.square() / (1 + torch.sqrt(1 + (e / d).square()))
+    # |e| (|e| / (1 + hypot(1, e/delta))): hypot and the second factor (< delta) stay finite for any finite
+    # e, where e^2 or (e/delta)^2 overflow float32 from |e| ~ 1.8e19 on.
+    a = e.abs()
+    return a * (a / (1 + torch.hypot(torch.ones_like(e), e / d)))
 
 
 @_float32_for_half
 def pseudo_huber_psi(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
     """``e / sqrt(1 + (e/delta)^2)``."""
     e, d = input - target, _param(delta, input)
-    return e * torch.rsqrt(1 + (e / d).square())
+    return e / torch.hypot(torch.ones_like(e), e / d)  # (no (e/delta)^2 to overflow)
 
 
 @_float32_for_half
@@ -242,14 +248,33 @@ def cauchy(input: Tensor, target: Tensor, scale=1.0) -> Tensor:
     scale > 0. Barron's alpha = 0 in this scale: cauchy(scale=s) == (s^2/2) * general(alpha=0, scale=s/sqrt 2).
     """
     e, c = input - target, _param(scale, input)
-    return 0.5 * c * c * torch.log1p((e / c).square())
+    # Near (|e| <= scale): (scale^2/2) log1p(z), z = (e/scale)^2; where scale^2 overflows the dtype (scale past
+    # ~1.8e19 in float32) the same value as e^2/2 * log1p(z)/z, by its series (z is then tiny) or the
+    # quotient. Beyond: scale^2/2 (2 log|e/scale| + log1p(1/z)), with no z to overflow (|e| 1e20 at scale 1
+    # is 46, not inf). Each branch sees harmless values where it is not selected: its gradient stays finite.
+    u = (e / c).abs()
+    near = u <= 1
+    z = torch.where(near, u, 1.0).square()
+    c2 = c * c
+    huge = torch.isinf(c2) if isinstance(c2, Tensor) else torch.tensor(c2 > torch.finfo(e.dtype).max)
+    small = z < 1e-3  # 1 - z/2 + z^2/3 - z^3/4 + z^4/5 is log1p(z)/z to z^5/6 < float64's eps there
+    ratio = torch.where(small, 1 - z * (0.5 - z * (1 / 3 - z * (0.25 - z / 5))), torch.log1p(z) / torch.where(small, 1.0, z))
+    c2_safe = torch.where(huge, 1.0, c2) if isinstance(c2, Tensor) else (1.0 if c2 > torch.finfo(e.dtype).max else c2)
+    near_value = torch.where(huge, 0.5 * e.square() * ratio, 0.5 * c2_safe * torch.log1p(z))
+    u_far = torch.where(near, 2.0, u)
+    far = 0.5 * c2 * (2 * torch.log(u_far) + torch.log1p(u_far.reciprocal().square()))  # inf: rightly, past c2
+    return torch.where(near, near_value, far)
 
 
 @_float32_for_half
 def cauchy_psi(input: Tensor, target: Tensor, scale=1.0) -> Tensor:
     """``e / (1 + (e/scale)^2)``: redescending, largest at |e| = scale."""
     e, c = input - target, _param(scale, input)
-    return e / (1 + (e / c).square())
+    # e / (1 + u^2), u = e/scale, near; scale / (u + 1/u) beyond |u| = 1, where u^2 could overflow
+    u = e / c
+    near = u.abs() <= 1
+    u_far = torch.where(near, 2.0, u)
+    return torch.where(near, e / (1 + torch.where(near, u, 0.0).square()), c / (u_far + u_far.reciprocal()))
 
 
 @_float32_for_half
@@ -259,9 +284,13 @@ def tukey(input: Tensor, target: Tensor, c=4.685) -> Tensor:
     c > 0; 4.685 gives 95% efficiency at the normal. Non-convex: residuals beyond c get zero gradient.
     """
     e, k = input - target, _param(c, input)
-    s = (e / k).clamp(-1.0, 1.0).square()  # the clamp makes the loss flat (zero gradient) beyond |e| = c
-    # 1 - (1 - s)^3 expanded as s (3 - 3s + s^2): the unexpanded form cancels to 0 for small e in float32.
-    return k * k / 6 * s * (3 - 3 * s + s.square())
+    # With m = clamp(e, -c, c) and s = (m/c)^2 (the clamp makes the loss flat, zero gradient, beyond |e| = c),
+    # c^2/6 (1 - (1 - s)^3) = m^2/6 (3 - 3s + s^2): expanded, as the unexpanded form cancels to 0 for small e
+    # in float32, and without c^2, which overflows float32 from c ~ 1.8e19 on (m^2 reaches it only where
+    # the loss c^2/6 itself does).
+    m = torch.clamp(e, min=-k, max=k) if isinstance(k, Tensor) else e.clamp(-k, k)
+    s = (m / k).square()
+    return m.square() / 6 * (3 - 3 * s + s.square())
 
 
 @_float32_for_half

@@ -25,7 +25,8 @@ class ParamSpec:
 
 
 def _positive(default: float) -> ParamSpec:
-    return ParamSpec(default, "> 0", lambda v: v > 0)
+    # finite: a residual scale of inf makes the formulas inf / inf = NaN (its limit is a different loss)
+    return ParamSpec(default, "> 0 and finite", lambda v: (v > 0) & (v < math.inf))
 
 
 def _level(default: float, many: bool = False) -> ParamSpec:
@@ -35,7 +36,7 @@ def _level(default: float, many: bool = False) -> ParamSpec:
 PARAMS: dict[str, dict[str, ParamSpec]] = {
     "mse": {}, "mae": {}, "rmse": {},
     "huber": {"delta": _positive(1.0)},
-    "smooth_l1": {"beta": ParamSpec(1.0, ">= 0", lambda v: v >= 0)},
+    "smooth_l1": {"beta": ParamSpec(1.0, ">= 0 and finite", lambda v: (v >= 0) & (v < math.inf))},
     "log_cosh": {},
     "quantile": {"tau": _level(0.5, many=True)},
     "expectile": {"tau": _level(0.5)},
