@@ -264,7 +264,7 @@ def test_resume_retrains_a_completed_summary_that_lost_its_config(tiny, tmp_path
     words = ["sweep", tiny, "seed=0,1", "--runs-dir", tmp_path]
     assert run_in_process(capsys, *words)[0] == 0
     (tmp_path / "tiny" / "outliers-mse-s1" / "summary.json").write_text('{"status": "completed"}')
-    rc, out, err = run_in_process(capsys, *words, "--resume")
+    rc, _, err = run_in_process(capsys, *words, "--resume")
     assert rc == 0 and "resume: 1 of 2 runs already completed" in err
     assert rundir.read_summary(tmp_path / "tiny" / "outliers-mse-s1")["config"]["seed"] == 1
 

@@ -619,3 +619,25 @@ def test_a_tiny_cauchy_scale_gives_the_tiny_loss_it_should():
     # its gradient (1e-40) underflows in autograd's order of products, so only the value is checked.
     v = L.cauchy(torch.ones(1), torch.zeros(1), scale=1e-20)
     assert v.item() == pytest.approx(0.5 * 1e-40 * math.log1p(1e40), rel=1e-4)
+
+
+def test_a_tensor_parameter_may_not_enlarge_the_loss():
+    # As for weights: a per-element delta of the input's shape is fine, one that would broadcast the loss
+    # to [2, 3] (or cannot broadcast at all) is a ValueError naming it; QuantileLoss takes 1-D levels only.
+    x, y = torch.randn(3), torch.randn(3)
+    assert L.build("huber", "none", delta=torch.full((3,), 0.5))(x, y).shape == (3,)
+    with pytest.raises(ValueError, match=r"huber: delta of shape \(2, 1\) does not broadcast to input shape \(3,\)"):
+        L.build("huber", "none", delta=torch.full((2, 1), 0.5))(x, y)
+    with pytest.raises(ValueError, match=r"delta of shape \(4,\)"):
+        L.build("huber", delta=torch.full((4,), 0.5))(x, y)
+    with pytest.raises(ValueError, match=r"1-D tensor of levels; got a tensor of shape \(3, 1, 1\)"):
+        L.QuantileLoss(tau=torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1))
+    q = L.QuantileLoss(tau=torch.tensor([0.1, 0.9]), reduction="none")  # k = 2 levels
+    assert q(torch.randn(5, 2), torch.randn(5)).shape == (5, 2)
+
+
+def test_generals_module_options_are_typed():
+    with pytest.raises(TypeError, match="learnable must be True or False, got 'no'"):
+        L.build("general", learnable="no")
+    with pytest.raises(TypeError, match="alpha_lo must be a number, got 'low'"):
+        L.build("general", learnable=True, alpha_lo="low")

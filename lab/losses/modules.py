@@ -61,6 +61,15 @@ class _Loss(nn.Module):
     def _loss(self, fn: Callable, input: Tensor, target: Tensor, weight: Tensor | None, **params) -> Tensor:
         _check_dtypes(self.name, input, target)
         weight = self._check_shapes(input, target, weight)
+        for pname, value in params.items():  # a tensor parameter may not enlarge the loss, as a weight may not
+            if isinstance(value, Tensor):
+                try:
+                    ok = torch.broadcast_shapes(value.shape, input.shape) == input.shape
+                except RuntimeError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"{self.name}: {pname} of shape {tuple(value.shape)} does not broadcast to "
+                                     f"input shape {tuple(input.shape)} without enlarging it")
         # float32 for half inputs also for the reduction: a float16 sum overflows at 65504.
         x = input.float() if input.dtype in _HALF else input
         loss = reduce_loss(fn(x, target.to(x.dtype), **params), weight, self.reduction, self.root)
@@ -135,6 +144,9 @@ class QuantileLoss(_Loss):
     def __init__(self, tau: float | list[float] = 0.5, reduction: str = "mean"):
         super().__init__(reduction)
         tau = check(self.name, {"tau": tau})["tau"]
+        if isinstance(tau, Tensor) and tau.dim() > 1:
+            raise ValueError(f"{self.name}: tau must be a float, a list of levels or a 1-D tensor of levels; "
+                             f"got a tensor of shape {tuple(tau.shape)}")
         if isinstance(tau, Tensor):  # a module holds floats: a tensor would not follow .to(device)
             tau = tuple(tau.tolist()) if tau.dim() > 0 else tau.item()
         self.k = len(tau) if isinstance(tau, tuple) else None
@@ -223,11 +235,16 @@ class GeneralRobustLoss(_Loss):
     ):
         super().__init__(reduction)
         p = check(self.name, {"alpha": alpha, "scale": scale})
-        self.learnable = bool(learnable)
+        if not isinstance(learnable, bool):  # bool("no") is True
+            raise TypeError(f"general: learnable must be True or False, got {learnable!r}")
+        self.learnable = learnable
         if not self.learnable:
             self._alpha, self._scale = p["alpha"], p["scale"]
             return
         alpha, scale = float(p["alpha"]), float(p["scale"])
+        for bname, bound in (("alpha_lo", alpha_lo), ("alpha_hi", alpha_hi), ("scale_lo", scale_lo)):
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+                raise TypeError(f"general: {bname} must be a number, got {bound!r}")
         if not (-math.inf < alpha_lo < alpha < alpha_hi < math.inf):
             raise ValueError(f"general: learnable alpha needs alpha_lo < alpha < alpha_hi, all finite; "
                              f"got alpha_lo={alpha_lo}, alpha={alpha}, alpha_hi={alpha_hi}")
