@@ -25,6 +25,7 @@ import difflib
 import io
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,7 +474,9 @@ class Dataset:
         """Write an .npz at exactly ``path``: x_train, y_train, x_val, y_val, outlier, kind, seed and params
         (a JSON string), enough for :func:`load` to rebuild the truth."""
         arrays = {"x_train": self.x, "y_train": self.y, "x_val": self.x_val, "y_val": self.y_val}
-        arrays["outlier"] = self.outlier
+        # numpy has no bfloat16: its values are stored as float32 (exactly) and `dtype` names the original
+        wide = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in arrays.items()}
+        arrays = {**wide, "outlier": self.outlier}
         buffer = io.BytesIO()  # a file object also stops numpy from appending ".npz" to the name
         np.savez(
             buffer,
@@ -481,18 +484,55 @@ class Dataset:
             kind=np.array(self.kind),
             seed=np.array(self.seed),
             params=np.array(json.dumps(self.params)),
+            dtype=np.array(str(self.y.dtype).removeprefix("torch.")),
         )
         write_atomic(Path(path), buffer.getvalue())
 
 
+# Arrays and fields of a saved dataset (Dataset.save): the five arrays first
+_SAVED = ("x_train", "y_train", "x_val", "y_val", "outlier", "kind", "seed", "params")
+
+
 def load(path) -> Dataset:
-    """Read a file written by :meth:`Dataset.save` (tensors on the CPU, in the saved dtype)."""
-    with np.load(Path(path), allow_pickle=False) as f:
-        kind, seed, params = str(f["kind"]), int(f["seed"]), json.loads(str(f["params"]))
-        tensors = {k: torch.from_numpy(f[k]) for k in ("x_train", "y_train", "x_val", "y_val", "outlier")}
-    params = {k: v for k, v in _resolve(kind, {**params, "seed": seed}).items() if k != "seed"}
-    if tensors["y_train"].shape[0] != params["n"] or tensors["y_val"].shape[0] != params["n_val"]:
-        raise ValueError(f"{path}: arrays do not match its params n={params['n']}, n_val={params['n_val']}")
+    """Read a file written by :meth:`Dataset.save` (tensors on the CPU, in the saved dtype).
+
+    Anything else (another format, a foreign .npz, arrays of the wrong shapes) is a ValueError that names
+    the file and what is wrong with it.
+    """
+    try:
+        archive = np.load(Path(path), allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # an .npy file holds one bare array
+            raise ValueError("one array, not an .npz archive")  # noqa: TRY004 (bad file content, not a bad argument type)
+        with archive as f:
+            missing = [k for k in _SAVED if k not in f.files]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} in the archive")
+            kind, seed, params = str(f["kind"]), f["seed"], json.loads(str(f["params"]))
+            tensors = {k: torch.from_numpy(f[k]) for k in _SAVED[:5]}
+            dtype = str(f["dtype"]) if "dtype" in f.files else None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such dataset file") from None
+    except (OSError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"{path}: not a dataset file of lab.data (not an .npz archive)") from None
+    except (ValueError, TypeError, KeyError) as e:  # (numpy's "pickled data" ValueError: not an archive either)
+        reason = "not an .npz archive" if "pickle" in str(e) else str(e)
+        raise ValueError(f"{path}: not a dataset file of lab.data ({reason})") from None
+    if seed.dtype.kind not in "iu" or seed.shape != ():
+        raise ValueError(f"{path}: its seed {seed.tolist()!r} is not an integer")
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: its params are not a table")  # noqa: TRY004 (file content)
+    params = {k: v for k, v in _resolve(kind, {**params, "seed": int(seed)}).items() if k != "seed"}
+    n, n_val = params["n"], params["n_val"]
+    shapes = {"x_train": (n, 1), "y_train": (n,), "x_val": (n_val, 1), "y_val": (n_val,), "outlier": (n,)}
+    for k, shape in shapes.items():
+        t = tensors[k]
+        if tuple(t.shape) != shape or (t.dtype == torch.bool) != (k == "outlier") or \
+                (k != "outlier" and t.dtype != tensors["y_train"].dtype):
+            raise ValueError(f"{path}: {k} is {t.dtype} {tuple(t.shape)}; a dataset of n={n}, n_val={n_val} "
+                             f"has {shape} {'bool' if k == 'outlier' else 'floats of one dtype'}")
+    if dtype == "bfloat16":  # saved as float32 (numpy has no bfloat16): the exact values, cast back
+        tensors = {k: t.to(torch.bfloat16) if k != "outlier" else t for k, t in tensors.items()}
+    seed = int(seed)
     return Dataset(
         kind,
         params,

@@ -21,6 +21,7 @@ encoded records and writes the files.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import socket
 import struct
@@ -63,6 +64,18 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _step(step) -> int:
+    """A step as TensorBoard stores it, an int64: an integer of any kind (Python, numpy, a 0-d tensor);
+    a float with a fraction is a TypeError and a step past int64 a ValueError, not a silent 3 or wrap to 0."""
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an integer, got {step!r}") from None
+    if not -(2**63) <= step < 2**63:
+        raise ValueError(f"step must fit an int64, got {step}")
+    return step
+
+
 def _block_inputs(tags: Sequence[str], steps, values, wall_times, n_runs: int | None = None):
     """Checked arguments of a scalar block: (layout, steps [S] uint64, wall_times [S], values).
 
@@ -79,6 +92,8 @@ def _block_inputs(tags: Sequence[str], steps, values, wall_times, n_runs: int | 
                          f"{steps.shape} and values {values.shape}")
     if steps.dtype.kind not in "iu":
         raise TypeError(f"steps must be integers, got dtype {steps.dtype}")
+    if steps.dtype.kind == "u" and steps.size and steps.max() >= 2**63:
+        raise ValueError(f"steps must fit an int64, got {steps.max()}")
     if values.dtype.kind not in "fiu":
         raise TypeError(f"values must be real numbers, got dtype {values.dtype}")
     n = len(steps)
@@ -155,7 +170,7 @@ class EventWriter:
         except struct.error as e:
             raise TypeError(f"scalar values must be real numbers, got {values!r}") from e
         wall_time = time.time() if wall_time is None else wall_time
-        self._write(_scalar_record(layout, int(step), wall_time, summary))
+        self._write(_scalar_record(layout, _step(step), wall_time, summary))
 
     def add_scalar_block(self, tags: Sequence[str], steps, values, wall_times=None):
         """S events at once, event s holding values[s, t] under tags[t] at steps[s].
@@ -187,7 +202,7 @@ class EventWriter:
     def add_summary(self, summary: summary_pb2.Summary, step: int, wall_time: float | None = None):
         """Any Summary proto (e.g. from torch.utils.tensorboard.summary) as one Event."""
         event = event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time,
-                                step=int(step), summary=summary)
+                                step=_step(step), summary=summary)
         self._write(_record(event.SerializeToString()))
 
     def add_histogram(self, tag: str, values, step: int, bins: int = 30,
@@ -219,7 +234,7 @@ class EventWriter:
             raise ValueError(f"bucket_limits and bucket_counts must be 1-D, got {limits.shape} "
                              f"and {counts.shape}")
         stats = np.array([[float(min), float(max), float(num), float(sum), float(sum_squares)]])
-        self._write(_encode_histograms(tag, int(step), time.time() if wall_time is None else wall_time,
+        self._write(_encode_histograms(tag, _step(step), time.time() if wall_time is None else wall_time,
                                        stats, limits[None], counts[None])[0])
 
     def add_text(self, tag: str, markdown: str, step: int = 0, wall_time: float | None = None):
@@ -359,7 +374,7 @@ def add_histograms_raw(writers: Sequence[EventWriter], tag: str, step: int, min,
         raise ValueError(f"expected [{n}] statistics and [{n}, bins] buckets for {n} writers, got "
                          f"{stats.shape[0]} statistics, bucket_limits {limits.shape} and "
                          f"bucket_counts {counts.shape}")
-    records = _encode_histograms(tag, int(step), time.time() if wall_time is None else wall_time,
+    records = _encode_histograms(tag, _step(step), time.time() if wall_time is None else wall_time,
                                  stats, limits, counts)
     for w, record in zip(writers, records):
         w._write(record)

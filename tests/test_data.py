@@ -465,3 +465,34 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         data.make("clean", n=20, seed=2).save(path)
     assert torch.equal(data.load(path).y, old.y)
     assert [p.name for p in tmp_path.iterdir()] == ["data.npz"]
+
+
+def test_a_bfloat16_dataset_saves_and_loads_exactly(tmp_path):
+    # numpy has no bfloat16: the file holds the values as float32 (exact) and names the dtype.
+    ds = data.make("outliers", n=20, seed=3, dtype=torch.bfloat16)
+    ds.save(tmp_path / "d.npz")
+    back = data.load(tmp_path / "d.npz")
+    assert back.y.dtype == torch.bfloat16 and torch.equal(back.y, ds.y) and torch.equal(back.x_val, ds.x_val)
+    assert torch.equal(back.outlier, ds.outlier)
+
+
+def test_a_file_that_is_not_a_saved_dataset_is_one_valueerror_naming_it(tmp_path):
+    ds = data.make("outliers", n=10, seed=1)
+    ds.save(tmp_path / "ok.npz")
+    good = dict(np.load(tmp_path / "ok.npz"))
+    (tmp_path / "text.npz").write_text("hello")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(2))
+    np.savez(tmp_path / "short.npz", **{**good, "x_train": good["x_train"][:3]})
+    np.savez(tmp_path / "flat.npz", **{**good, "x_train": good["x_train"][:, 0]})
+    np.savez(tmp_path / "seed.npz", **{**good, "seed": np.array(1.5)})
+    np.savez(tmp_path / "mask.npz", **{**good, "outlier": good["outlier"].astype(float)})
+    cases = {"text.npz": "not an .npz archive", "one.npy": "one array, not an .npz archive",
+             "foreign.npz": "no x_train, y_train", "short.npz": "x_train is torch.float32 (3, 1)",
+             "flat.npz": "x_train is torch.float32 (10,)", "seed.npz": "its seed 1.5 is not an integer",
+             "mask.npz": "outlier is torch.float64 (10,)", "missing.npz": "no such dataset file"}
+    for name, message in cases.items():
+        with pytest.raises(ValueError) as err:
+            data.load(tmp_path / name)
+        assert str(err.value).startswith(str(tmp_path / name)) and message in str(err.value), name
+        assert "\n" not in str(err.value)

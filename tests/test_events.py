@@ -307,7 +307,22 @@ def test_invalid_inputs(tmp_path):
             w.add_scalar_block(["a", "a"], np.arange(3), np.zeros((3, 2)))
         with pytest.raises(TypeError, match="real numbers"):
             w.add_scalars(0, {"a": "high"})
+        # Steps are int64 in the Event proto: 3.7 was written as 3, 2**64 wrapped to 0, uint64 2**63 to -2**63.
+        with pytest.raises(TypeError, match="step must be an integer, got 3.7"):
+            w.add_scalar("a", 1.0, 3.7)
+        with pytest.raises(ValueError, match="step must fit an int64, got 18446744073709551616"):
+            w.add_scalar("a", 1.0, 2**64)
+        with pytest.raises(ValueError, match="step must fit an int64"):
+            w.add_histogram_raw("h", 0.0, 1.0, 1, 0.5, 0.25, [1.0], [1.0], step=2**63)
+        with pytest.raises(ValueError, match="steps must fit an int64"):
+            w.add_scalar_block(["a"], np.array([2**63], np.uint64), np.zeros((1, 1)))
     assert len(records(w.path)) == 1  # nothing half-written
+    with EventWriter(tmp_path) as w:  # integers of every kind are steps; -2**63 and 2**63 - 1 the ends
+        w.add_scalar("a", 1.0, np.int64(5))
+        w.add_scalar("a", 2.0, torch.tensor(6))
+        w.add_scalar("a", 3.0, 2**63 - 1)
+        w.add_scalar("a", 4.0, -(2**63))
+    assert [event_pb2.Event.FromString(r).step for r in records(w.path)[1:]] == [5, 6, 2**63 - 1, -(2**63)]
 
 
 # -- a population: one encoding pass for N writers -------------------------------------------------

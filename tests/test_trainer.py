@@ -366,3 +366,16 @@ def test_a_run_too_small_a_loss_scale_to_move_is_not_called_converged():
     (res,), _, _ = train([c])
     assert res.final["convergence/gap"] > 0.5 * res.reference["loss"] > 0
     assert res.steps_to_converge is None
+
+
+def test_datasets_that_do_not_match_the_configs_are_refused():
+    # One dataset per run, of the config's sizes: fewer datasets used to raise an IndexError deep inside,
+    # more were silently ignored, and a dataset of another n trained silently.
+    c = cfg(**{"data.n": 30, "train.steps": 5})
+    ds = data.make("clean", n=30, seed=0)
+    with pytest.raises(ValueError, match="2 configs and 1 datasets"):
+        trainer.train([c, c], [ds])
+    with pytest.raises(ValueError, match="1 configs and 2 datasets"):
+        trainer.train([c], [ds, ds])
+    with pytest.raises(ValueError, match=r"run 0: its dataset has n = 40, n_val = 200; its config says data.n = 30"):
+        trainer.train([c], [data.make("clean", n=40, seed=0)])
