@@ -110,8 +110,8 @@ def _interval(default: tuple[float, float]):
 
 
 _COMMON = {
-    "n": _integer(200, 2),
-    "n_val": _integer(200, 1),
+    "n": _integer(200, 2, 2**31 - 1),  # (a tensor's size; memory ends far sooner, lab.sweeps.check_fits)
+    "n_val": _integer(200, 1, 2**31 - 1),
     "seed": _integer(0, 0, 2**62),  # 2 * seed + 1 must still fit a generator seed
     "slope": _number(2.0),
     "intercept": _number(1.0),

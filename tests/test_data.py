@@ -496,3 +496,8 @@ def test_a_file_that_is_not_a_saved_dataset_is_one_valueerror_naming_it(tmp_path
             data.load(tmp_path / name)
         assert str(err.value).startswith(str(tmp_path / name)) and message in str(err.value), name
         assert "\n" not in str(err.value)
+
+
+def test_n_past_a_tensors_size_is_a_valueerror():
+    with pytest.raises(ValueError, match="n=1000000000000000000000000000000 is not allowed"):
+        data.make("clean", n=10**30)

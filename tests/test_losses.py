@@ -641,3 +641,11 @@ def test_generals_module_options_are_typed():
         L.build("general", learnable="no")
     with pytest.raises(TypeError, match="alpha_lo must be a number, got 'low'"):
         L.build("general", learnable=True, alpha_lo="low")
+
+
+def test_a_weight_must_be_a_real_tensor():
+    x = torch.randn(3)
+    with pytest.raises(TypeError, match="mse: weight must be a real tensor, got list"):
+        L.MSELoss()(x, x, [1.0, 1.0, 1.0])
+    with pytest.raises(TypeError, match="weight must be a real tensor, got torch.complex64"):
+        L.HuberLoss()(x, x, torch.ones(3, dtype=torch.complex64))

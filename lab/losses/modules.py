@@ -60,6 +60,9 @@ class _Loss(nn.Module):
 
     def _loss(self, fn: Callable, input: Tensor, target: Tensor, weight: Tensor | None, **params) -> Tensor:
         _check_dtypes(self.name, input, target)
+        if weight is not None and (not isinstance(weight, Tensor) or weight.is_complex()):
+            raise TypeError(f"{self.name}: weight must be a real tensor, got "
+                            f"{weight.dtype if isinstance(weight, Tensor) else type(weight).__name__}")
         weight = self._check_shapes(input, target, weight)
         for pname, value in params.items():  # a tensor parameter may not enlarge the loss, as a weight may not
             if isinstance(value, Tensor):
