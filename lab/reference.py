@@ -131,8 +131,11 @@ def solve_many(loss: str, loss_params: dict | None, model: str, xs, ys, weights=
         w = _runs(weights, "weights")
         if w.shape != y.shape:
             raise ValueError(f"weights have shape {tuple(w.shape)} but ys has {tuple(y.shape)}")
-        if (w < 0).any() or not (w.sum(1) > 0).all():
+        if (w < 0).any() or not (w.sum(1) > 0).all():  # (_runs refused non-finite ones)
             raise ValueError("weights must be >= 0 with a positive sum in every run")
+        # Only ratios of weights matter (the objective is a weighted mean): scaled by each run's largest, by a
+        # power of two (exact), so that their sum cannot overflow (weights of 1e308 summed to inf: all 0).
+        w = torch.ldexp(w, -torch.frexp(w.amax(1, keepdim=True)).exponent)
     for k, v in params.items():
         if isinstance(v, torch.Tensor):
             if spec.name == "quantile" and v.dim() == 1:

@@ -10,6 +10,7 @@ two data points, integer weights == repeated points, invariance to shifting x an
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -365,3 +366,20 @@ def test_bad_inputs_raise_value_error(call, match):
 def test_non_numeric_input_raises_type_error():
     with pytest.raises(TypeError, match="real numbers"):
         solve("mse", {}, "constant", None, np.array(["a", "b"]))
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber", "quantile"])
+def test_only_the_ratios_of_weights_matter_at_any_scale(loss):
+    # The objective is a weighted mean: weights scaled by 1e308 (whose sum overflowed to inf, making every
+    # normalised weight 0 and the "exact" loss 0) or 1e-300 give the optimum of the same weights at scale 1.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, generator=gen, dtype=torch.float64)
+    y = 2 * x + 1 + torch.randn(40, generator=gen, dtype=torch.float64)
+    w = torch.rand(40, generator=gen, dtype=torch.float64) + 0.5
+    one = reference.solve(loss, None, "linear", x, y, weight=w)
+    for scale in (1e308 / 1.5, 1e-300):
+        r = reference.solve(loss, None, "linear", x, y, weight=w * scale)
+        assert r.exact and r.loss == pytest.approx(one.loss, rel=1e-13)
+        assert r.params["slope"] == pytest.approx(one.params["slope"], rel=1e-12)
+    with pytest.raises(ValueError, match="weights contains non-finite values"):
+        reference.solve(loss, None, "linear", x, y, weight=torch.full((40,), math.inf, dtype=torch.float64))
