@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -35,19 +36,31 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     The temporary file is fsynced before the rename unless inside `deferred_sync()`. A symlink's target
     is what is replaced; a device or a pipe (`--csv /dev/stdout`) is written directly.
     """
+    data = data.encode() if isinstance(data, str) else data
+    # /dev/stdout, /dev/fd/N, /proc/self/fd/N: one of this process's own streams, whatever it leads to (a
+    # terminal, a pipe, or a file the shell redirected it to, which a rename would cut off from the rest of
+    # the output, and a second open would overwrite): written to that descriptor, after what Python buffered.
+    fd = _own_stream(path)
+    if fd is not None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return
     try:
         special = not stat.S_ISREG(os.stat(path).st_mode)  # (what a symlink points to)
     except FileNotFoundError:
         special = False
-    if special:  # a device or a pipe (/dev/stdout): written through, where a rename would replace the node
+    if special:  # a device or a pipe: written through, where a rename would put a file in its place
         with open(path, "wb") as f:  # (a directory raises IsADirectoryError here, as the rename would)
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(data)
         return
     path = Path(os.path.realpath(path))  # a symlink's target is replaced, not the link
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(data)
             if not _deferred.get():
                 f.flush()
                 os.fsync(f.fileno())
@@ -55,6 +68,17 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _own_stream(path) -> int | None:
+    """The descriptor `path` names when it is one of this process's streams (/dev/stdout, /dev/stderr,
+    /dev/fd/N, /proc/self/fd/N), else None."""
+    text = os.path.abspath(path)
+    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+    if text in named:
+        return named[text]
+    m = re.fullmatch(r"/(?:dev/fd|proc/self/fd)/(\d+)", text)
+    return int(m.group(1)) if m else None
 
 
 def sync() -> None:

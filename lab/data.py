@@ -521,8 +521,13 @@ def load(path) -> Dataset:
         raise ValueError(f"{path}: its seed {seed.tolist()!r} is not an integer")
     if not isinstance(params, dict):
         raise ValueError(f"{path}: its params are not a table")  # noqa: TRY004 (file content)
-    params = {k: v for k, v in _resolve(kind, {**params, "seed": int(seed)}).items() if k != "seed"}
+    try:
+        params = {k: v for k, v in _resolve(kind, {**params, "seed": int(seed)}).items() if k != "seed"}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     n, n_val = params["n"], params["n_val"]
+    if not tensors["y_train"].is_floating_point():
+        raise ValueError(f"{path}: y_train is {tensors['y_train'].dtype}; a dataset holds floats")
     shapes = {"x_train": (n, 1), "y_train": (n,), "x_val": (n_val, 1), "y_val": (n_val,), "outlier": (n,)}
     for k, shape in shapes.items():
         t = tensors[k]

@@ -2,6 +2,7 @@
 fsynced unless a deferred block makes many durable with one sync(2)."""
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,16 @@ def test_a_pipe_is_written_through_not_replaced(tmp_path):
     reader.join(timeout=10)
     assert got == [b"through the pipe"] and stat.S_ISFIFO(fifo.stat().st_mode)
     assert [f.name for f in tmp_path.iterdir()] == ["out.fifo"]
+
+
+def test_a_redirected_stdout_gets_the_write_in_order_with_the_rest_of_the_output(tmp_path):
+    # `lab report --csv /dev/stdout > out.txt`: a rename would replace out.txt and lose what the process
+    # prints later; opening /dev/stdout again would overwrite what it printed before.
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.txt"
+    code = "from lab import atomic; print('before'); atomic.write_atomic('/dev/stdout', 'csv\\n'); print('after')"
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, "-c", code], stdout=f, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.read_text() == "before\ncsv\nafter\n"

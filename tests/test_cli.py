@@ -421,7 +421,7 @@ def test_sweep_refuses_a_loss_only_claim_study(tmp_path, capsys):
 
 
 def test_sweep_too_large_for_memory_leaves_no_directory(tiny, tmp_path, capsys):
-    rc, _, err = run_in_process(capsys, "sweep", tiny, "data.n=4000000000", "seed=0,1", "--runs-dir", tmp_path / "runs")
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "data.n=2000000000", "seed=0,1", "--runs-dir", tmp_path / "runs")
     assert rc == 2 and "too large for memory" in one_error_line(err)
     assert not (tmp_path / "runs" / "tiny").exists()
 

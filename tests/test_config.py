@@ -161,6 +161,12 @@ BAD = [
 ]
 
 
+def test_an_override_given_twice_is_refused():
+    # (which of the two was meant is a guess; a claim study's overrides come this way too)
+    with pytest.raises(ConfigError, match="train.steps is given twice on the command line"):
+        config.parse_overrides(["train.steps=5", "seed=1", "train.steps=7"])
+
+
 @pytest.mark.parametrize("values,message", BAD, ids=[m for _, m in BAD])
 def test_bad_values_give_one_line_naming_the_problem(values, message):
     with pytest.raises(ConfigError) as err:

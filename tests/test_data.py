@@ -487,10 +487,14 @@ def test_a_file_that_is_not_a_saved_dataset_is_one_valueerror_naming_it(tmp_path
     np.savez(tmp_path / "flat.npz", **{**good, "x_train": good["x_train"][:, 0]})
     np.savez(tmp_path / "seed.npz", **{**good, "seed": np.array(1.5)})
     np.savez(tmp_path / "mask.npz", **{**good, "outlier": good["outlier"].astype(float)})
+    ints = {k: good[k].astype(np.int64) for k in ("x_train", "y_train", "x_val", "y_val")}
+    np.savez(tmp_path / "ints.npz", **{**good, **ints})
+    np.savez(tmp_path / "kind.npz", **{**good, "kind": np.array("clen")})
     cases = {"text.npz": "not an .npz archive", "one.npy": "one array, not an .npz archive",
              "foreign.npz": "no x_train, y_train", "short.npz": "x_train is torch.float32 (3, 1)",
              "flat.npz": "x_train is torch.float32 (10,)", "seed.npz": "its seed 1.5 is not an integer",
-             "mask.npz": "outlier is torch.float64 (10,)", "missing.npz": "no such dataset file"}
+             "mask.npz": "outlier is torch.float64 (10,)", "missing.npz": "no such dataset file",
+             "ints.npz": "y_train is torch.int64; a dataset holds floats", "kind.npz": "unknown dataset kind 'clen'"}
     for name, message in cases.items():
         with pytest.raises(ValueError) as err:
             data.load(tmp_path / name)

@@ -210,7 +210,7 @@ def test_run_names_never_leave_the_runs_dir(tmp_path, capsys, name):
 
 
 def test_study_too_large_for_memory_is_refused_before_allocation(tmp_path, capsys):
-    code = cli.main(["run", str(toml(tmp_path, "")), "data.n=4000000000", "--runs-dir", str(tmp_path)])
+    code = cli.main(["run", str(toml(tmp_path, "")), "data.n=2000000000", "--runs-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "too large for memory" in err and "GiB" in err
 

@@ -148,6 +148,8 @@ def parse_overrides(words: list[str]) -> dict[str, Any]:
         if "=" not in word:
             raise ConfigError(f"override '{word}' is not of the form key=value")
         key, text = word.split("=", 1)
+        if key.strip() in out:  # which of the two would win is a guess: ask for one
+            raise ConfigError(f"{key.strip()} is given twice on the command line")
         out[key.strip()] = parse_word(text.strip())
     return out
 

@@ -126,10 +126,10 @@ def smooth_l1(input: Tensor, target: Tensor, beta=1.0) -> Tensor:
     # Huber's psi form divided by beta (its gradient is exactly psi / beta: see huber), and |e| at beta = 0.
     # Dividing by beta only where beta > 0 keeps every term finite at beta = 0 (then psi = 0): a NaN in an
     # unselected branch would still poison the gradient.
+    # Outside, |e| - beta/2 itself: psi (e - psi/2) / beta would pass through subnormals for a tiny beta.
     psi = torch.clamp(e, min=-b, max=b) if isinstance(b, Tensor) else e.clamp(-b, b)
-    if isinstance(b, Tensor):
-        return torch.where(b > 0, psi * (e - 0.5 * psi) / torch.where(b > 0, b, 1.0), e.abs())
-    return psi * (e - 0.5 * psi) / b if b > 0 else e.abs()
+    b_safe = torch.where(b > 0, b, 1.0) if isinstance(b, Tensor) else (b if b > 0 else 1.0)
+    return torch.where(e.abs() < b, psi * (e - 0.5 * psi) / b_safe, e.abs() - 0.5 * b)
 
 
 @_float32_for_half
@@ -260,7 +260,8 @@ def cauchy(input: Tensor, target: Tensor, scale=1.0) -> Tensor:
     small = z < 1e-3  # 1 - z/2 + z^2/3 - z^3/4 + z^4/5 is log1p(z)/z to z^5/6 < float64's eps there
     ratio = torch.where(small, 1 - z * (0.5 - z * (1 / 3 - z * (0.25 - z / 5))), torch.log1p(z) / torch.where(small, 1.0, z))
     c2_safe = torch.where(huge, 1.0, c2) if isinstance(c2, Tensor) else (1.0 if c2 > torch.finfo(e.dtype).max else c2)
-    near_value = torch.where(huge, 0.5 * e.square() * ratio, 0.5 * c2_safe * torch.log1p(z))
+    e_near = torch.where(near, e, 0.0)  # (e^2 of an unselected huge e would overflow, and its gradient too)
+    near_value = torch.where(huge, e_near * (0.5 * e_near) * ratio, 0.5 * c2_safe * torch.log1p(z))
     u_far = torch.where(near, 2.0, u)
     far = 0.5 * c2 * (2 * torch.log(u_far) + torch.log1p(u_far.reciprocal().square()))  # inf: rightly, past c2
     return torch.where(near, near_value, far)
@@ -286,11 +287,10 @@ def tukey(input: Tensor, target: Tensor, c=4.685) -> Tensor:
     e, k = input - target, _param(c, input)
     # With m = clamp(e, -c, c) and s = (m/c)^2 (the clamp makes the loss flat, zero gradient, beyond |e| = c),
     # c^2/6 (1 - (1 - s)^3) = m^2/6 (3 - 3s + s^2): expanded, as the unexpanded form cancels to 0 for small e
-    # in float32, and without c^2, which overflows float32 from c ~ 1.8e19 on (m^2 reaches it only where
-    # the loss c^2/6 itself does).
+    # in float32, and without c^2, which overflows float32 from c ~ 1.8e19 on.
     m = torch.clamp(e, min=-k, max=k) if isinstance(k, Tensor) else e.clamp(-k, k)
     s = (m / k).square()
-    return m.square() / 6 * (3 - 3 * s + s.square())
+    return m * (m / 6) * (3 - 3 * s + s.square())  # m (m/6): m^2 alone overflows float32 from |m| ~ 1.8e19
 
 
 @_float32_for_half

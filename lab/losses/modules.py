@@ -5,6 +5,7 @@ computes half precision in float32; its ``forward`` is one call of its formula (
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -246,7 +247,7 @@ class GeneralRobustLoss(_Loss):
             return
         alpha, scale = float(p["alpha"]), float(p["scale"])
         for bname, bound in (("alpha_lo", alpha_lo), ("alpha_hi", alpha_hi), ("scale_lo", scale_lo)):
-            if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
                 raise TypeError(f"general: {bname} must be a number, got {bound!r}")
         if not (-math.inf < alpha_lo < alpha < alpha_hi < math.inf):
             raise ValueError(f"general: learnable alpha needs alpha_lo < alpha < alpha_hi, all finite; "

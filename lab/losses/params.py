@@ -77,7 +77,7 @@ def check(loss: str, params: dict) -> dict:
     {parameter: float, tuple of floats, or the given tensor}.
 
     An unknown parameter or an out-of-range value raises ValueError naming the loss, the parameter, the
-    value and the allowed range, e.g. "huber: delta must be > 0, got -1.0". Tensors are checked elementwise.
+    value and the allowed range, e.g. "huber: delta must be > 0 and finite, got -1.0". Tensors are checked elementwise.
     """
     specs = PARAMS[loss]
     unknown = sorted(set(params) - set(specs))
