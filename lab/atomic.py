@@ -74,7 +74,7 @@ def _own_stream(path) -> int | None:
     """The descriptor `path` names when it is one of this process's streams (/dev/stdout, /dev/stderr,
     /dev/fd/N, /proc/self/fd/N), else None."""
     text = os.path.abspath(path)
-    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+    named = {"/dev/stdout": 1, "/dev/stderr": 2}
     if text in named:
         return named[text]
     m = re.fullmatch(r"/(?:dev/fd|proc/self/fd)/(\d+)", text)

@@ -251,7 +251,8 @@ def cauchy(input: Tensor, target: Tensor, scale=1.0) -> Tensor:
     # Near (|e| <= scale): (scale^2/2) log1p(z), z = (e/scale)^2; where scale^2 overflows the dtype (scale past
     # ~1.8e19 in float32) the same value as e^2/2 * log1p(z)/z, by its series (z is then tiny) or the
     # quotient. Beyond: scale^2/2 (2 log|e/scale| + log1p(1/z)), with no z to overflow (|e| 1e20 at scale 1
-    # is 46, not inf). Each branch sees harmless values where it is not selected: its gradient stays finite.
+    # is 46, not inf). Each branch sees harmless values where it is not selected: its gradient stays finite
+    # (but at a scale past sqrt(float32 max), autograd of log1p(z)/z overflows for |e| > 0.03 scale: use psi).
     u = (e / c).abs()
     near = u <= 1
     z = torch.where(near, u, 1.0).square()
