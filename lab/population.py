@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lab import fused, log_row, losses, models, reference
+from lab import fused, log_row, losses, models, reference, row_shortcuts
 from lab.config import Config, loss_params, n_outputs
 from lab.data import Dataset
 
@@ -114,8 +114,8 @@ class Population:
     true_params: torch.Tensor  # [N, K]
     k: int
     shapes: Flat
-    moments: log_row.ResidualMoments | None  # the residual kurtosis without a pass (line models)
-    largest: log_row.LargestResiduals | None  # candidates for the row's order statistics (CPU, line models)
+    moments: row_shortcuts.ResidualMoments | None  # the residual kurtosis without a pass (line models)
+    largest: row_shortcuts.LargestResiduals | None  # candidates for the row's order statistics (CPU, line models)
     compiled: bool = False
     # A row step's residuals and psi [N, n, k] for all runs, written block by block by the step itself, so
     # that the log row reads chunks of whole blocks as views instead of concatenating them (lab.log_row).
@@ -263,7 +263,7 @@ def build(cfgs, datasets, device, dtype):
     blocks, start = [], 0
     line = model.kind in ("linear", "constant")
     # Candidate order statistics need one host read per row: free on a CPU, a sync on a GPU.
-    candidates = log_row.candidate_count(x.shape[1]) if line and device.type == "cpu" else 0
+    candidates = row_shortcuts.candidate_count(x.shape[1]) if line and device.type == "cpu" else 0
     for name in dict.fromkeys(c.loss.name for c in cfgs):
         count = sum(c.loss.name == name for c in cfgs)
         spec = losses.spec(name)
@@ -308,8 +308,8 @@ def build(cfgs, datasets, device, dtype):
                       signal_val=signal_val, outlier=outlier, outlier_at=outlier_at, outlier_w=outlier_w, mu=mu, sd=sd,
                       any_norm=any_norm, root=root, ref_loss=ref_loss, ref_params=ref_params,
                       true_params=true_params, k=k, shapes=shapes,
-                      moments=log_row.ResidualMoments(x, y) if line else None,
-                      largest=log_row.LargestResiduals(x, y3, model.kind, k, candidates) if candidates else None)
+                      moments=row_shortcuts.ResidualMoments(x, y) if line else None,
+                      largest=row_shortcuts.LargestResiduals(x, y3, model.kind, k, candidates) if candidates else None)
     return pop, P, refs, tol, named_keys, shapes
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab import log_row, metrics
+from lab import log_row, metrics, row_shortcuts
 
 
 def line_data(runs=30, n=500, seed=0, dtype=torch.float32):
@@ -37,7 +37,7 @@ def test_candidates_give_exactly_the_largest_residuals_along_a_trajectory(k, sca
     w = 2 + torch.randn(R, k, generator=g) * 0.3
     b = 1 + torch.randn(R, k, generator=g) * 0.3
     sd = (torch.rand(R, generator=g) + 0.5) if scaled else None
-    cache = log_row.LargestResiduals(x, y[..., None], "linear", k)
+    cache = row_shortcuts.LargestResiduals(x, y[..., None], "linear", k)
     refreshed_at_jump = None
     for step in range(60):
         P = torch.cat([w, b], 1)  # the trainer's flat order: the k slopes, then the k intercepts
@@ -63,7 +63,7 @@ def test_candidates_give_exactly_the_largest_residuals_along_a_trajectory(k, sca
 
 def test_candidates_for_a_constant_model():
     x, y = line_data(runs=5, n=300)
-    cache = log_row.LargestResiduals(x, y[..., None], "constant", 1)
+    cache = row_shortcuts.LargestResiduals(x, y[..., None], "constant", 1)
     value = torch.zeros(5, 1)
     for _ in range(20):
         resid = (value - y)  # k = 1: the residual of a constant prediction
@@ -77,7 +77,7 @@ def test_candidates_for_a_constant_model():
 def test_kurtosis_from_moments_equals_the_direct_computation(kind):
     """float64 data: the polynomial in the slope equals excess_kurtosis of the residuals to 1e-10."""
     x, y = line_data(runs=8, n=400, dtype=torch.float64)
-    moments = log_row.ResidualMoments(x, y, max_elements=3 * 400)  # chunks of 3 runs: smaller than the population
+    moments = row_shortcuts.ResidualMoments(x, y, max_elements=3 * 400)  # chunks of 3 runs: smaller than the population
     slope = torch.linspace(-1, 4, 8, dtype=torch.float64) if kind == "linear" else torch.zeros(8, dtype=torch.float64)
     resid = slope[:, None] * x[..., 0] + 0.7 - y
     torch.testing.assert_close(moments.kurtosis(slope, 400), metrics.excess_kurtosis(resid), rtol=1e-10, atol=1e-10)
@@ -88,7 +88,7 @@ def test_kurtosis_from_moments_in_float32_matches_float64_residuals():
     matches the float64 residuals' kurtosis to float32 precision."""
     x, y = line_data(runs=4, n=1000)
     slope = torch.tensor([1.9, 2.0, 2.1, 0.0])
-    got = log_row.ResidualMoments(x, y).kurtosis(slope, 1000)
+    got = row_shortcuts.ResidualMoments(x, y).kurtosis(slope, 1000)
     resid = slope.double()[:, None] * x[..., 0].double() - y.double()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), metrics.excess_kurtosis(resid), rtol=1e-6, atol=1e-6)
@@ -135,8 +135,8 @@ def test_candidates_and_moments_change_no_logged_number(flat, monkeypatch):
     datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
     fast, direct = [], []
     trainer.train(cfgs, datasets, on_log=fast.append)
-    monkeypatch.setattr(log_row, "LargestResiduals", lambda *a, **k: None)
-    monkeypatch.setattr(log_row, "ResidualMoments", lambda *a, **k: None)
+    monkeypatch.setattr(row_shortcuts, "LargestResiduals", lambda *a, **k: None)
+    monkeypatch.setattr(row_shortcuts, "ResidualMoments", lambda *a, **k: None)
     trainer.train(cfgs, datasets, on_log=direct.append)
     a = np.concatenate([b.values for b in fast])
     b = np.concatenate([b.values for b in direct])
@@ -156,7 +156,7 @@ def test_kurtosis_from_moments_for_near_exact_fits_and_far_slopes(noise, slopes)
     x = torch.rand(4, 200, 1, generator=g, dtype=torch.float64) * 4 - 2
     y = 2 * x[..., 0] + 1 + noise * torch.randn(4, 200, generator=g, dtype=torch.float64)
     slope = torch.tensor(slopes, dtype=torch.float64)
-    got = log_row.ResidualMoments(x, y).kurtosis(slope, 200)
+    got = row_shortcuts.ResidualMoments(x, y).kurtosis(slope, 200)
     expected = metrics.excess_kurtosis(slope[:, None] * x[..., 0] - y)
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
 
@@ -166,14 +166,14 @@ def test_many_points_need_more_candidates(monkeypatch):
     candidates; the candidates grow with it and the logged values equal the full topk's."""
     from lab import config, data, trainer
 
-    assert log_row.order_count(6500) == 66 and log_row.candidate_count(6500) == 264
-    assert log_row.candidate_count(100) == 0  # too few points: a full topk
+    assert row_shortcuts.order_count(6500) == 66 and row_shortcuts.candidate_count(6500) == 264
+    assert row_shortcuts.candidate_count(100) == 0  # too few points: a full topk
     cfgs = [config.from_flat({"data.kind": "outliers", "data.n": 6500, "train.steps": 6, "train.log_every": 1,
                               "train.hist_every": 0, "dtype": "float64", "seed": s}) for s in range(2)]
     datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
     fast, direct = [], []
     trainer.train(cfgs, datasets, on_log=fast.append)
-    monkeypatch.setattr(log_row, "candidate_count", lambda n: 0)
+    monkeypatch.setattr(row_shortcuts, "candidate_count", lambda n: 0)
     trainer.train(cfgs, datasets, on_log=direct.append)
     assert np.array_equal(fast[0].values, direct[0].values, equal_nan=True)
 
