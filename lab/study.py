@@ -71,26 +71,35 @@ def _make_data(cfg: Config) -> data.Dataset:
 
 
 class _Stop:
-    """Turns SIGTERM into the same path as Ctrl-C: finish the current flush, mark runs interrupted."""
+    """Ctrl-C and SIGTERM stop a study the same way: the first one interrupts the training (it finishes
+    its flush, the runs are marked interrupted); any later one is ignored until the study has written
+    every run's files. A second Ctrl-C used to land in that writing and lose a population's summaries
+    and logs; the writing is bounded (files of runs already trained), and --resume needs it whole."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGTERM)
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
         try:
-            signal.signal(signal.SIGTERM, self._handle)
+            for s in self.SIGNALS:
+                signal.signal(s, self._handle)
         except ValueError:  # not the main thread
             pass
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:  # already stopping: the files of the runs are being written
+            return
         self.requested = True
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         try:
-            signal.signal(signal.SIGTERM, self.previous)
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
         except ValueError:
             pass
 

@@ -85,8 +85,11 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("sig,worker", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)])
-def test_interrupted_sweep_keeps_finished_runs_and_resume_completes_the_rest(tmp_path, sig, worker):
+@pytest.mark.parametrize("sig,worker,twice", [(signal.SIGINT, False, False), (signal.SIGTERM, False, False),
+                                              (signal.SIGINT, True, False), (signal.SIGINT, False, True)])
+def test_interrupted_sweep_keeps_finished_runs_and_resume_completes_the_rest(tmp_path, sig, worker, twice):
+    # twice: a second signal 10 ms after the first, as an impatient Ctrl-C Ctrl-C, ends the sweep the same way
+    # (where it lands in the writing of the runs' files: tests/test_study.py, deterministically).
     # Two populations (different step counts): the short one finishes, the long one is interrupted.
     # worker: the log rows on a forked worker (LAB_ROW_WORKER=1), and the signal sent to the whole process
     # group as a terminal's Ctrl-C is: the worker ignores it, the sweep stops as without one, and no
@@ -115,6 +118,9 @@ def test_interrupted_sweep_keeps_finished_runs_and_resume_completes_the_rest(tmp
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
+            if twice:
+                time.sleep(0.01)
+                proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -6,6 +6,7 @@ Runs here are tiny (20 steps over 40 points on the CPU) so each test takes well 
 
 import json
 import os
+import signal
 import struct
 import tomllib
 from pathlib import Path
@@ -296,3 +297,26 @@ def test_overflowing_data_fails_its_run_alone_when_execute_draws_it(tmp_path):
     study.execute(runs, tmp_path)
     assert [r.summary["status"] for r in runs] == ["completed", "failed", "completed"]
     assert runs[1].summary["error"].startswith("DataRangeError: targets are not finite in float32")
+
+
+def test_a_second_interrupt_while_the_first_is_recorded_loses_nothing(tmp_path, monkeypatch):
+    # Ctrl-C twice: the first stops the training, the second lands while the interrupted runs' files are
+    # written (in _close_events, where a slow first import made it land in a real sweep). It used to cut
+    # that writing short and leave the population without summaries; every run is recorded now.
+    train, close = trainer.train, study._close_events
+
+    def interrupted_train(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, as the training starts
+        return train(*args, **kwargs)
+
+    def close_twice(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second, while the files are written
+        return close(*args, **kwargs)
+
+    monkeypatch.setattr(study.trainer, "train", interrupted_train)
+    monkeypatch.setattr(study, "_close_events", close_twice)
+    runs = _runs("mse", "mae")
+    _, interrupted = study.execute(runs, tmp_path)
+    assert interrupted
+    assert [rundir.read_summary(r.dir)["status"] for r in runs] == ["interrupted", "interrupted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
