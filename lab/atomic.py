@@ -28,6 +28,9 @@ _deferred = contextvars.ContextVar("lab_atomic_deferred", default=False)
 # sync(2) returns only once the data is written on Linux; POSIX lets it return earlier (and Windows
 # has none), so elsewhere write_atomic keeps its fsync per file even inside deferred_sync().
 _SYNC_WAITS = sys.platform.startswith("linux") and hasattr(os, "sync")
+# The process's umask, read once (reading it means setting it): new files get 0666 & ~umask, as open() gives.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
@@ -57,8 +60,14 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
             f.write(data)
         return
     path = Path(os.path.realpath(path))  # a symlink's target is replaced, not the link
+    try:  # the file keeps its mode; a new one gets what open() would give it (mkstemp makes it 0600)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if not _deferred.get():

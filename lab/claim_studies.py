@@ -111,10 +111,13 @@ def load_study(path: Path, quick: bool = False) -> Study:
     params = claim.get("params", {})
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: [claim.params] must be a table")
-    for key in params:
+    for key, value in params.items():
         if key not in spec.defaults:
             raise ConfigError(f"{where}: measure '{claim['measure']}' takes no parameter '{key}' "
                               f"(it takes: {', '.join(spec.defaults) or 'none'}){suggest(key, spec.defaults)}")
+        if not _same_kind(value, spec.defaults[key]):  # (a string "4" failed only after every run had trained)
+            raise ConfigError(f"{where}: [claim.params] {key} must be {_kind_of(spec.defaults[key])} like its "
+                              f"default {spec.defaults[key]!r}; got {value!r}")
     checks = [_check(where, c, spec) for c in _as_list(claim.get("check"), where, "[[claim.check]]")]
     if not checks:
         raise ConfigError(f"{where}: no [[claim.check]]: a verdict needs at least one metric with min or max")
@@ -134,8 +137,8 @@ def load_study(path: Path, quick: bool = False) -> Study:
     base = {"name": path.stem, **config.flatten(table)}
     for key, value in config.flatten(overrides).items():
         blocks = [s for s in sweeps if key in s]
-        for s in blocks:
-            s[key] = value if isinstance(value, list) else [value]
+        for s in blocks:  # checked as the block's own values are (zipped keys: lists of their width)
+            s[key] = _flat_sweep(f"{where} [claim.quick]", {key: value if isinstance(value, list) else [value]})[key]
         if not blocks:
             base[key] = value
     try:
@@ -172,11 +175,30 @@ def _as_list(value, where: str, what: str) -> list:
     return value
 
 
+def _same_kind(value, default) -> bool:
+    """Whether a measure parameter's value is of its default's kind: a number, a flag, text or a list."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def _kind_of(default) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    return {int: "a number", float: "a number", str: "a string", list: "a list"}.get(type(default), "a value")
+
+
 def _flat_sweep(where: str, table: dict) -> dict[str, list]:
-    out = {}
+    out, varied = {}, set()
     for key, values in config.flatten(table).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: [sweep] {key} must be a non-empty list of values")
+        for part in (k.strip() for k in key.split(",")):  # one key varied twice: the last would silently win
+            if part in varied:
+                raise ConfigError(f"{where}: [sweep] {part} is varied twice in one block")
+            varied.add(part)
         width = len(key.split(","))
         if width > 1 and not all(isinstance(v, list) and len(v) == width for v in values):
             raise ConfigError(f"{where}: [sweep] \"{key}\" varies {width} keys together: each value must be a "

@@ -186,6 +186,9 @@ def _config(args) -> int:
         return 0
     import tomli_w
 
+    if _claim_study(args.config) is not None:
+        raise UsageError(f"{args.config} is a claim study, not a run config: lab sweep {args.config} trains its "
+                         f"grid, lab claims measures every claim")
     cfg, sweep = config.load(args.config, args.overrides)
     if sweep:
         from lab import sweeps
@@ -280,8 +283,8 @@ def _run(args) -> int:
     from lab import config
 
     if args.config and _claim_study(args.config) is not None:
-        raise UsageError(f"{args.config} is a claim study: lab sweep {args.config} trains its grid, "
-                         f"lab claims measures every claim")
+        raise UsageError(f"{args.config} is a claim study, not a run config: lab sweep {args.config} trains its "
+                         f"grid, lab claims measures every claim")
     cfg, sweep = _load(args, sweep_words=False)
     # after the config is read: a missing file or a typo fails without the torch import
     from lab import study, sweeps

@@ -113,3 +113,19 @@ def test_a_redirected_stdout_gets_the_write_in_order_with_the_rest_of_the_output
     with open(out, "w") as f:
         subprocess.run([sys.executable, "-c", code], stdout=f, check=True, cwd=Path(__file__).resolve().parents[1])
     assert out.read_text() == "before\ncsv\nafter\n"
+
+
+def test_a_new_file_gets_the_umask_mode_and_a_replaced_one_keeps_its_own(tmp_path):
+    # mkstemp makes 0600 files: summaries and reports were unreadable to another user (a TensorBoard
+    # server), where open() under umask 022 gives 0644. Expected: 0666 & ~umask; an existing file's mode.
+    import os
+    import stat
+
+    new = tmp_path / "new.json"
+    atomic.write_atomic(new, "{}")
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~atomic._UMASK
+    kept = tmp_path / "kept.csv"
+    kept.write_text("old")
+    os.chmod(kept, 0o640)
+    atomic.write_atomic(kept, "new")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"

@@ -271,6 +271,11 @@ CHECK = '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\n'
     ('loss.nme = "mae"\n' + CLAIM + CHECK, "s.toml: unknown key 'loss.nme'"),
     ('[sweep]\nseed = 3\n' + CLAIM + CHECK, "[sweep] seed must be a non-empty list"),
     ('[sweep]\n"loss.delta,optim.lr" = [0.1, 0.2]\n' + CLAIM + CHECK, "each value must be a list of 2"),
+    # A parameter of the wrong kind failed only after every run had trained (formatting its label)
+    (CLAIM + '[claim.params]\nfloor = "1e-6"\n' + CHECK, "[claim.params] floor must be a number like its default"),
+    # One key varied twice in a block: the last silently won
+    ('[sweep]\n"loss.name,loss.name" = [["mse", "mae"]]\n' + CLAIM + CHECK, "loss.name is varied twice in one block"),
+    ('[sweep]\n"loss.name,seed" = [["mse", 0]]\nseed = [5, 6]\n' + CLAIM + CHECK, "seed is varied twice"),
     ('data.n = 20\n' + CLAIM.replace("outlier_shift", "penalty_table") + '[[claim.check]]\nmetric = "mse_at"\nmin = 1\n',
      "trains nothing"),
 ])
@@ -516,3 +521,18 @@ def test_read_scalars_reads_back_what_the_event_writer_wrote(tmp_path):
     got = cm.read_scalars(tmp_path, ("param/slope", "loss/train", "absent"))
     assert got["param/slope"][0].tolist() == [0, 1, 2] and got["param/slope"][1].tolist() == [1.0, 2.0, 3.0]
     assert got["loss/train"][1].tolist() == [9.0, 8.0, 7.0] and got["absent"][0].size == 0
+
+
+def test_quick_values_of_zipped_keys_are_checked_as_the_sweeps_own(tmp_path):
+    # [claim.quick] replaced a block's values unchecked: [["mse"]] for two zipped keys dropped seed silently,
+    # and "mse" was zipped letter by letter ("seed: expected an integer, got 's'").
+    base = '[[sweep]]\n"loss.name,seed" = [["mse", 0], ["mae", 1]]\n' + CLAIM + CHECK
+    path = tmp_path / "q.toml"
+    for quick, message in (('[claim.quick]\n"loss.name,seed" = [["mse"]]\n', "each value must be a list of 2"),
+                           ('[claim.quick]\n"loss.name,seed" = "mse"\n', "each value must be a list of 2")):
+        path.write_text(base + quick)
+        with pytest.raises(ConfigError, match=message):
+            claim_studies.load_study(path, quick=True)
+    path.write_text(base + '[claim.quick]\n"loss.name,seed" = [["mae", 3]]\n')
+    st = claim_studies.load_study(path, quick=True)
+    assert [(c.loss.name, c.seed) for c, _ in st.grid] == [("mae", 3)]

@@ -277,10 +277,12 @@ def test_a_key_given_twice_on_the_command_line_is_refused(tiny, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
 
 
-def test_lab_run_on_a_claim_study_says_how_to_train_it(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["run", "config"])
+def test_lab_run_or_config_on_a_claim_study_says_how_to_train_it(tmp_path, capsys, command):
+    # (they read it as a run config: "unknown key 'claim.id'; did you mean 'train.window'?")
     study = ROOT / "experiments" / "penalty_scaling.toml"
-    rc, _, err = run_in_process(capsys, "run", study, "--runs-dir", tmp_path)
-    assert rc == 2 and "is a claim study: lab sweep" in one_error_line(err)
+    rc, _, err = run_in_process(capsys, command, study, *(["--runs-dir", tmp_path] if command == "run" else []))
+    assert rc == 2 and "is a claim study, not a run config: lab sweep" in one_error_line(err)
 
 
 def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
