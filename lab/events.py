@@ -265,7 +265,7 @@ class EventWriter:
             tag=tag, image=image)]), step, wall_time)
 
     def add_hparams(self, hparams: Mapping, metrics: Mapping[str, float], step: int = 0,
-                    experiment: bool = True):
+                    experiment: bool = True, status: str = "success"):
         """This run's hyperparameters and final metrics for the HParams dashboard.
 
         Unlike SummaryWriter.add_hparams, which opens a timestamped subfolder,
@@ -277,11 +277,19 @@ class EventWriter:
         torch.utils.tensorboard.summary.hparams requires. The plugin takes the
         `_hparams_/experiment` summary of an arbitrary run as the column set;
         with `experiment=False` it instead unions every run's hparams and infers
-        their domains, which suits runs whose hparam keys differ.
+        their domains, which suits runs whose hparam keys differ. `status` is the
+        session's end status the dashboard shows: success, failure, unknown or
+        running (SummaryWriter writes success whatever happened).
         """
+        from tensorboard.plugins.hparams import api_pb2
+        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+        code = api_pb2.Status.Value(f"STATUS_{status.upper()}")  # (ValueError for another word)
         exp, start, end = hparams_summaries(dict(hparams), dict(metrics))
+        data = HParamsPluginData.FromString(end.value[0].metadata.plugin_data.content)
+        data.session_end_info.status = code
+        end.value[0].metadata.plugin_data.content = data.SerializeToString()
         for summary in (exp, start, end) if experiment else (start, end):
             self.add_summary(summary, step)
         self.add_scalars(step, metrics)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +28,11 @@ LOSS_COLORS = {"mse": "tab:blue", "mae": "tab:orange", "huber": "tab:green", "lo
 
 def png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # a diverged run's inf and NaN points are left out of the drawing; matplotlib's transforms of them
+        # would otherwise print numpy's "invalid value" warnings on stderr, a line per figure
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -66,7 +71,8 @@ def sweep_figures(runs, sweep_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(rows)), 4))
     names = [n for n, _, _ in rows]
     vals = [f.get("convergence/gap") for _, _, f in rows]
-    vals = [np.nan if v is None else max(v, 1e-16) for v in vals]
+    # no bar for a run without a finite gap (diverged: inf, which a log axis cannot draw)
+    vals = [np.nan if v is None or not np.isfinite(v) else max(v, 1e-16) for v in vals]
     ax.bar(range(len(rows)), vals, color=[LOSS_COLORS.get(loss, "tab:blue") for _, loss, _ in rows])
     ax.set_yscale("log")
     ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)

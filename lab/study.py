@@ -313,6 +313,10 @@ def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer,
     _write_summary(run, res, status, flat, error, trace)
 
 
+# A run's status as the HParams dashboard's session status (it has no word for interrupted)
+_SESSION_STATUS = {"completed": "success", "diverged": "failure", "interrupted": "unknown"}
+
+
 def _close_events(res: trainer.RunResult | None, hkeys, writer, flat: dict) -> None:
     """The custom-scalars layout and the hparams record (for a run with results), then close."""
     if res is not None:
@@ -322,7 +326,7 @@ def _close_events(res: trainer.RunResult | None, hkeys, writer, flat: dict) -> N
         # experiment=False: TensorBoard unions the hparams of every run below --logdir, so runs of
         # sweeps with different swept keys all show their columns (with one experiment summary per
         # run, the plugin would take an arbitrary run's columns for all).
-        writer.add_hparams(hparams, metrics, step=max(res.steps, 0), experiment=False)
+        writer.add_hparams(hparams, metrics, step=max(res.steps, 0), experiment=False, status=_SESSION_STATUS[res.status])
     writer.close()
 
 

@@ -261,6 +261,19 @@ def test_hparams_live_in_the_runs_own_file(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("final/loss")] == [(100, 0.25)]
 
 
+@pytest.mark.parametrize("status,code", [("success", 1), ("failure", 2), ("unknown", 0)])
+def test_hparams_session_end_status_is_the_runs(tmp_path, status, code):
+    # The dashboard's session status (tensorboard.plugins.hparams.api_pb2.Status: UNKNOWN 0, SUCCESS 1,
+    # FAILURE 2): SummaryWriter always writes success, so interrupted and diverged runs read as succeeded.
+    with EventWriter(tmp_path) as w:
+        w.add_hparams({"lr": 0.1}, {"final/loss": 0.25}, status=status)
+    content = accumulate(tmp_path).PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    end = hparams_metadata.parse_session_end_info_plugin_data(content[hparams_metadata.SESSION_END_INFO_TAG])
+    assert end.status == code
+    with EventWriter(tmp_path / "other") as w, pytest.raises(ValueError):
+        w.add_hparams({"lr": 0.1}, {"final/loss": 0.25}, status="aborted")
+
+
 def test_hparams_without_experiment(tmp_path):
     with EventWriter(tmp_path) as w:
         w.add_hparams({"lr": 0.1}, {"m": 1.0}, experiment=False)

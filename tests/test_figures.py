@@ -69,3 +69,16 @@ def test_run_and_sweep_figures_still_work(tmp_path):
     figures.sweep_figures([run], tmp_path)
     assert (tmp_path / "figures" / "final_gap.png").read_bytes()[:8] == PNG
     assert figures.LOSS_COLORS["mse"] == "tab:blue"  # the one colour per loss other figures rely on
+
+
+def test_a_diverged_runs_gap_is_left_out_of_the_sweep_figure_quietly(tmp_path):
+    # A gap of inf (a diverged run) on the log axis made numpy print "invalid value" warnings on stderr.
+    import warnings
+
+    cfg = config.from_flat({"device": "cpu"})
+    runs = [sweeps.Run(cfg, name, {}, tmp_path, {"final": {"convergence/gap": gap}})
+            for name, gap in (("calm", 0.5), ("wild", float("inf")), ("nan", float("nan")))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        figures.sweep_figures(runs, tmp_path)
+    assert (tmp_path / "figures" / "final_gap.png").read_bytes()[:8] == PNG

@@ -320,3 +320,19 @@ def test_a_second_interrupt_while_the_first_is_recorded_loses_nothing(tmp_path, 
     assert interrupted
     assert [rundir.read_summary(r.dir)["status"] for r in runs] == ["interrupted", "interrupted"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_the_hparams_dashboard_shows_each_runs_own_status(tmp_path):
+    # completed -> success, diverged -> failure (SummaryWriter's hparams wrote success for every run)
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+    runs = [sweeps.Run(config=config.from_flat({**TINY, "optim.lr": lr}), name=name)
+            for lr, name in ((0.05, "calm"), (1e6, "wild"))]
+    study.execute(runs, tmp_path)
+    got = {}
+    for r in runs:
+        acc = EventAccumulator(str(r.dir))
+        acc.Reload()
+        content = acc.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[hparams_metadata.SESSION_END_INFO_TAG]
+        got[r.name] = (r.summary["status"], hparams_metadata.parse_session_end_info_plugin_data(content).status)
+    assert got == {"calm": ("completed", 1), "wild": ("diverged", 2)}
