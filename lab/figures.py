@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from pathlib import Path
 
 import matplotlib
@@ -28,11 +27,7 @@ LOSS_COLORS = {"mse": "tab:blue", "mae": "tab:orange", "huber": "tab:green", "lo
 
 def png(fig) -> bytes:
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # a diverged run's inf and NaN points are left out of the drawing; matplotlib's transforms of them
-        # would otherwise print numpy's "invalid value" warnings on stderr, a line per figure
-        warnings.simplefilter("ignore", RuntimeWarning)
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
