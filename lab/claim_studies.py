@@ -223,8 +223,9 @@ def _check(where: str, table, spec) -> Check:
     bounds = {}
     for key in ("min", "max"):
         v = table.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
-            raise ConfigError(f"{where}: check {metric}: {key} must be a number; got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ConfigError(f"{where}: check {metric}: {key} must be a finite number (leave it out for no "
+                              f"bound); got {v!r}")
         bounds[key] = None if v is None else float(v)
     if bounds["min"] is None and bounds["max"] is None:
         raise ConfigError(f"{where}: check {metric} needs min or max")

@@ -182,9 +182,12 @@ class _Progress:
 
 
 def main(args) -> int:
-    """`lab claims [--quick] [--out DIR]`: 0 all runs done, 1 a run or measurement failed, 130 interrupted."""
+    """`lab claims [--quick] [--out DIR] [--only IDS]`: 0 all runs done, 1 a run or measurement failed, 130
+    interrupted."""
+    only = getattr(args, "only", None)
     report = run(quick=args.quick, out=Path(args.out), experiments=Path(getattr(args, "experiments", None)
-                                                                          or EXPERIMENTS))
+                                                                          or EXPERIMENTS),
+                 only=[i.strip() for i in only.split(",")] if only else None)
     print(table_text(report.results))
     print(f"report: {report.out / 'report.md'} ({report.total_s:.0f} s)")
     print(f"TensorBoard: tensorboard --logdir {report.out}")

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the studies in experiments/ and print each claim's measurement and verdict.")
     cl.add_argument("--quick", action="store_true", help="fewer seeds and steps (under 2 minutes on 2 cores)")
     cl.add_argument("--out", default="runs/claims", help="output directory (default: runs/claims)")
+    cl.add_argument("--only", help="only these claims, by id, comma-separated (e.g. 3,7a)")
 
     sub.add_parser("losses", help="list every loss with its formula and parameters")
     cfg = sub.add_parser("config", help="list every config key, or show a config resolved",

@@ -142,6 +142,16 @@ def test_cli_runs_the_studies_prints_the_table_and_reruns_into_the_same_folder(l
                                                                          "target_practice.png"]
 
 
+def test_cli_only_measures_the_claims_it_names(loss_only, tmp_path, capsys):
+    # (claims.run took `only`; the command line had no way to pass it)
+    out = tmp_path / "out"
+    assert cli.main(["claims", "--quick", "--out", str(out), "--only", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "1. Penalty scaling" in printed and "log-cosh" not in printed.lower()
+    assert cli.main(["claims", "--out", str(out), "--only", "1,99"]) == 2
+    assert "no study with claim id '99'" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_folder_it_did_not_write(loss_only, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -264,6 +274,8 @@ CHECK = '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\n'
     (CLAIM + '[[claim.check]]\nmetric = "mse_over_mea"\nmin = 3.0\n', "did you mean 'mse_over_mae'"),
     (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\n', "needs min or max"),
     (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\nmax = 1.0\n', "min 3 > max 1"),
+    # an infinite bound is no bound (min = -inf, max = -inf could never hold): leave it out
+    (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\nmax = inf\n', "max must be a finite number"),
     (CLAIM + '[[claim.check]]\nmetric = "mse_over_mae"\nmin = 3.0\nstat = "median"\n', "stat must be one of"),
     (CLAIM + '[[claim.check]]\nmetric = ["x"]\nmin = 3.0\n', "check metric ['x'] is not measured"),
     (CLAIM + '[[claim.check]]\nmetric = {a = 1}\nmin = 3.0\n', "check metric {'a': 1} is not measured"),
