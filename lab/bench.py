@@ -17,7 +17,7 @@ every 10 steps, histograms every 200. Measured:
   scalar or histogram events; run directories, config, hparams and summaries are still written)
   and with every tag logged every step; overheads are relative to logging off, on the study's
   in-process time (imports and interpreter start excluded, so they are not diluted), the median over
-  repeats of each repeat's ratio (the modes of a repeat run back to back). On a CPU both
+  repeats of each repeat's ratio (the modes of a repeat run back to back, in an order that rotates from repeat to repeat). On a CPU both
   cadences are also timed with every log row computed in the training process (LAB_ROW_WORKER=0),
   to show what the row worker on the second core (lab.row_worker) buys.
 - single run: one run as a population of one (lab.trainer.train) against the hand-written minimal
@@ -440,12 +440,19 @@ def _measure(args, root: Path, save) -> dict:
     if args.device == "cpu":
         in_loop = {"LAB_ROW_WORKER": "0"}
         modes += [("default_in_loop", flat["train.log_every"], in_loop), ("every_step_in_loop", 1, in_loop)]
+    # The order rotates from repeat to repeat, so that no mode always follows the same one: on the 2-core
+    # machine a study's non-training part (run directories, files, syncs) moved by up to 0.5 s with what
+    # ran before it, as much as the overhead measured. The default study is also the lab's own timed run.
     labs, tries = [], {name: [] for name, _, _ in modes}
+    turns = [("default", flat["train.log_every"], None), *modes]
     for i in range(args.repeats):
-        _say(f"lab: {n_runs}-run study in a fresh process, logging default, {', '.join(m[0] for m in modes)} "
+        order = turns[i % len(turns):] + turns[:i % len(turns)]
+        _say(f"lab: {n_runs}-run study in a fresh process, logging {', '.join(m[0] for m in order)} "
              f"({i + 1}/{args.repeats})")
-        labs.append(run_study(flat, sweep, root / f"lab{i}", args.threads))
-        for name, log_every, env in modes:
+        for name, log_every, env in order:
+            if name == "default":
+                labs.append(run_study(flat, sweep, root / f"lab{i}", args.threads))
+                continue
             tries[name].append(run_study({**flat, "train.log_every": log_every}, sweep, root / f"{name}{i}",
                                          args.threads, env))
             shutil.rmtree(root / f"{name}{i}", ignore_errors=True)
