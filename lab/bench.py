@@ -17,8 +17,8 @@ every 10 steps, histograms every 200. Measured:
   scalar or histogram events; run directories, config, hparams and summaries are still written)
   and with every tag logged every step; overheads are relative to logging off, on the study's
   in-process time (imports and interpreter start excluded, so they are not diluted), the median over
-  repeats of each repeat's ratio (the modes of a repeat run back to back, in an order that rotates from repeat to repeat). On a CPU both
-  cadences are also timed with every log row computed in the training process (LAB_ROW_WORKER=0),
+  repeats of each repeat's ratio (the modes of a repeat run back to back, in an order that rotates
+  from repeat to repeat). On a CPU both cadences are also timed with every log row computed in the training process (LAB_ROW_WORKER=0),
   to show what the row worker on the second core (lab.row_worker) buys.
 - single run: one run as a population of one (lab.trainer.train) against the hand-written minimal
   loop (lab.usual_loop.minimal: nn.Linear, loss, backward, SGD step; no logging), per loss.
