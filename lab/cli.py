@@ -187,9 +187,7 @@ def _config(args) -> int:
         return 0
     import tomli_w
 
-    if _claim_study(args.config) is not None:
-        raise UsageError(f"{args.config} is a claim study, not a run config: lab sweep {args.config} trains its "
-                         f"grid, lab claims measures every claim")
+    _refuse_claim_study(args.config)
     cfg, sweep = config.load(args.config, args.overrides)
     if sweep:
         from lab import sweeps
@@ -283,9 +281,8 @@ def _cuda() -> bool:
 def _run(args) -> int:
     from lab import config
 
-    if args.config and _claim_study(args.config) is not None:
-        raise UsageError(f"{args.config} is a claim study, not a run config: lab sweep {args.config} trains its "
-                         f"grid, lab claims measures every claim")
+    if args.config:
+        _refuse_claim_study(args.config)
     cfg, sweep = _load(args, sweep_words=False)
     # after the config is read: a missing file or a typo fails without the torch import
     from lab import study, sweeps
@@ -376,6 +373,13 @@ def _sweep(args) -> int:
     if interrupted:
         return 130
     return 1 if "failed" in counts else 0
+
+
+def _refuse_claim_study(path: str) -> None:
+    """lab run and lab config read run configs: a claim study is trained by lab sweep or lab claims."""
+    if _claim_study(path) is not None:
+        raise UsageError(f"{path} is a claim study, not a run config: lab sweep {path} trains its grid, "
+                         f"lab claims measures every claim")
 
 
 def _claim_study(path: str) -> Path | None:
