@@ -14,6 +14,9 @@ pass nor a failure (see lab.claim_studies.judge). The rule holds through every s
 from several inputs of one seed (a max over quantile fits, the largest step back along a path, the share
 of table cells that match) is NaN as soon as any input is (`largest`, never Python's max, which keeps or
 drops a NaN depending on its position). Missing data thus ends as 'inconclusive', never as a verdict.
+A run the study's grid does not hold at all is a mistake in the study file, not missing data: looking it
+up raises MissingRun, whose message names the config values asked for (also inconclusive, with that
+message as the claim's error).
 
 This module holds the registry, the helpers and the loss-only measurements (claims 1, 4, 10);
 lab.claim_training holds the measurements of training runs.
@@ -139,13 +142,37 @@ def _flat(cfg) -> dict:  # configs are frozen (hashable); studies look the same 
     return config.to_flat(cfg)
 
 
+class MissingRun(LookupError):
+    """A measurement needs a run that the study's grid does not hold.
+
+    That is a mistake in the study file, not missing data: a run that trained and failed is still among
+    the study's runs (its status says so) and measures as NaN. Raised before any number is computed
+    from it, so the claim is inconclusive with this message instead of "'NoneType' object has no
+    attribute 'dir'".
+    """
+
+
 def pick(runs, **match):
-    """The one run whose config has every key=value (keys with '__' for '.', e.g. loss__name='mse')."""
+    """The one run whose config has every key=value (keys with '__' for '.', e.g. loss__name='mse').
+
+    Raises MissingRun when no run matches (naming the values asked for and those the runs have), and
+    ValueError when several do.
+    """
     want = {k.replace("__", "."): v for k, v in match.items()}
     found = [r for r in runs if all(_same(setting(r, k), v) for k, v in want.items())]
     if len(found) > 1:
         raise ValueError(f"{len(found)} runs match {want}; the study must make it unique")
-    return found[0] if found else None
+    if not found:
+        raise missing_run(runs, ", ".join(f"{k}={v!r}" for k, v in want.items()), want)
+    return found[0]
+
+
+def missing_run(runs, wanted: str, keys) -> MissingRun:
+    """The error for a run the study lacks: what was wanted, and the values of `keys` its runs do have."""
+    have = "; ".join(f"{k} " + ", ".join(map(repr, dict.fromkeys(setting(r, k) for r in runs))) for k in keys)
+    return MissingRun(f"the study has no run with {wanted} ("
+                      + (f"its {len(runs)} runs have {have}" if runs and have else f"it has {len(runs)} runs")
+                      + "); add it to the study's [sweep]")
 
 
 def _same(a, b) -> bool:

@@ -57,9 +57,14 @@ def seeds_passing(c) -> str:
     return f" in {c.passed}/{len(c.values)} seeds" if len(c.values) > 1 else ""
 
 
-def write_figures(results: list[ClaimResult], folder: Path | str, tensorboard: bool = False) -> dict[str, Path]:
+def write_figures(results: list[ClaimResult], folder: Path | str, tensorboard: bool = False,
+                  paths: dict[str, Path] | None = None) -> dict[str, Path]:
     """Draw every claim's figures into folder/<name>.png (and, with tensorboard, as images in folder's
-    event file). Returns name -> path. A figure that fails to draw is skipped with a note on stderr."""
+    event file). Returns name -> path. A figure that fails to draw is skipped with a note on stderr.
+
+    paths: a dict filled in as each figure is written (and returned), so that a caller interrupted
+    midway (Ctrl-C) still knows the figures already on disk; the event file is closed either way.
+    """
     from lab import figures
 
     folder = Path(folder)
@@ -68,20 +73,22 @@ def write_figures(results: list[ClaimResult], folder: Path | str, tensorboard: b
     if tensorboard:
         from lab.events import EventWriter
         writer = EventWriter(folder)
-    paths = {}
-    for res in results:
-        for name, payload in res.plots.items():
-            try:
-                png = figures.claim_figure(payload)
-            except Exception as e:  # noqa: BLE001 — a figure never costs the measurements
-                print(f"note: figure {name} skipped: {e.__class__.__name__}: {e}", file=sys.stderr)
-                continue
-            paths[name] = folder / f"{name}.png"
-            rundir.write_atomic(paths[name], png)
-            if writer is not None:
-                writer.add_image(f"claims/{name}", png)
-    if writer is not None:
-        writer.close()
+    paths = {} if paths is None else paths
+    try:
+        for res in results:
+            for name, payload in res.plots.items():
+                try:
+                    png = figures.claim_figure(payload)
+                except Exception as e:  # noqa: BLE001 — a figure never costs the measurements
+                    print(f"note: figure {name} skipped: {e.__class__.__name__}: {e}", file=sys.stderr)
+                    continue
+                rundir.write_atomic(folder / f"{name}.png", png)
+                paths[name] = folder / f"{name}.png"
+                if writer is not None:
+                    writer.add_image(f"claims/{name}", png)
+    finally:
+        if writer is not None:
+            writer.close()
     return paths
 
 
@@ -122,7 +129,7 @@ def write_report(report: Report) -> None:
                    f"`tensorboard --logdir {out}`")
     lines = ["# The guide's claims, measured", "", intro, "", table_markdown(results), "", tensorboard, ""]
     if report.interrupted:
-        lines += ["**Interrupted**: some runs did not finish; their claims are inconclusive.", ""]
+        lines += [_interruption(report), ""]
     for r in results:
         st = r.study
         lines += [f"## {st.id}. {st.title}: {r.verdict}", "", f"> {st.guide}", "",
@@ -145,12 +152,29 @@ def write_report(report: Report) -> None:
         lines += [f"![{name}](figures/{name}.png)" for name in r.plots if name in report.figures] + [""]
     rundir.write_atomic(out / "report.md", "\n".join(lines))
     rundir.write_atomic(out / "table.md", table_markdown(results) + "\n")
-    rundir.write_atomic(out / "claims.json", json.dumps(_finite(_json(report)), indent=2, default=_plain) + "\n")
+    rundir.write_atomic(out / "claims.json", json.dumps(_json_numbers(_json(report)), indent=2, default=_plain) + "\n")
+
+
+def _interruption(report: Report) -> str:
+    """The report's line on a Ctrl-C: what it stopped, and what that leaves inconclusive or undrawn."""
+    runs_cut = "Some runs did not finish; their claims are inconclusive."
+    if report.interrupted_while == "measuring":
+        skipped = [r.study.id for r in report.results if r.error == "not measured: interrupted"]
+        line = (f"**Interrupted** while measuring: claim{'s' if len(skipped) > 1 else ''} {', '.join(skipped)} "
+                "not measured (inconclusive); no figures drawn.")
+    elif report.interrupted_while == "drawing figures":
+        planned = sum(len(r.plots) for r in report.results)
+        line = (f"**Interrupted** while drawing the figures: every claim measured; {len(report.figures)} of "
+                f"{planned} figures drawn (the others are missing below).")
+    else:
+        return f"**Interrupted**: {runs_cut[0].lower()}{runs_cut[1:]}"
+    return line + (" " + runs_cut if any("interrupted" in r.statuses for r in report.results) else "")
 
 
 def _json(report: Report) -> dict:
     return {"quick": report.quick, "runs": report.runs, "populations": report.populations, "train_s": report.train_s, "total_s": report.total_s,
-            "interrupted": report.interrupted, "figures": {k: str(v) for k, v in report.figures.items()},
+            "interrupted": report.interrupted, "interrupted_while": report.interrupted_while,
+            "figures": {k: str(v) for k, v in report.figures.items()},
             "claims": [{"id": r.study.id, "title": r.study.title, "guide": r.study.guide,
                         "measured": r.study.measured, "study": r.study.path.name, "verdict": r.verdict,
                         "error": r.error, "statuses": r.statuses,
@@ -167,12 +191,16 @@ def _plain(v):
     return str(v)
 
 
-def _finite(v):
-    """JSON has no NaN or infinity: those become the strings "nan", "inf", "-inf"."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+def _json_numbers(v):
+    """Numbers as claims.json writes them. JSON has no NaN or infinity: those become the strings "nan",
+    "inf", "-inf". Whole numbers below 1e15 (as lab.rundir.fmt) become integers: the measurements are
+    floats so that a missing one can be NaN, and a step count read 43.0."""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return int(v) if v.is_integer() and abs(v) < 1e15 else v
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {k: _json_numbers(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
+        return [_json_numbers(x) for x in v]
     return v

@@ -24,6 +24,7 @@ from lab.claim_measures import (
     largest,
     line,
     measure,
+    missing_run,
     pick,
     ratio,
     read_scalars,
@@ -169,7 +170,11 @@ def oscillation(runs, params) -> Measurement:
     def run(name, s, decaying=False):
         found = [r for r in runs if setting(r, "loss.name") == name and r.config.seed == s
                  and (setting(r, "optim.schedule") != "constant") == decaying]
-        return found[0] if found else None
+        if not found:
+            schedule = "a decaying optim.schedule" if decaying else "optim.schedule='constant'"
+            raise missing_run(runs, f"loss.name={name!r}, seed={s!r}, {schedule}",
+                              ("loss.name", "seed", "optim.schedule"))
+        return found[0]
 
     def one(s):
         which = (("mae_constant", "mae", False), ("mae_decay", "mae", True), ("huber", "huber", False),
@@ -187,12 +192,15 @@ def oscillation(runs, params) -> Measurement:
     for label, name, decaying in (("MAE, constant rate", "mae", False), ("MAE, decaying rate", "mae", True),
                                   ("Huber, constant rate", "huber", False)):
         r = run(name, first, decaying)
-        if completed(r):
-            sc = read_scalars(r.dir, ("param/slope", "param/intercept"))
-            steps, slope = sc["param/slope"]
-            keep = steps >= steps.max() - params["close_up"]
-            traces[label] = {"steps": steps[keep], "slope": slope[keep] - fitted(r, "slope", exact=True),
-                             "intercept": sc["param/intercept"][1][keep] - fitted(r, "intercept", exact=True)}
+        if not completed(r):
+            continue
+        sc = read_scalars(r.dir, ("param/slope", "param/intercept"))
+        steps, slope = sc["param/slope"]
+        if steps.size == 0:  # train.log_every = 0 logs no curve (the numbers come from the summary's final row)
+            continue
+        keep = steps >= steps.max() - params["close_up"]
+        traces[label] = {"steps": steps[keep], "slope": slope[keep] - fitted(r, "slope", exact=True),
+                         "intercept": sc["param/intercept"][1][keep] - fitted(r, "intercept", exact=True)}
     return Measurement(values=_per_seed(runs, one),
                        plots={"oscillation": {"kind": "oscillation", "traces": traces, "seed": first}})
 
@@ -249,6 +257,12 @@ def _diverged(run) -> float:
     return {"diverged": 1.0, "completed": 0.0}.get(status, NAN)
 
 
+# The four runs per seed of scale_sensitivity, as the study's config values make them.
+SCALE_KINDS = {"unit": "data.target_scale=1 (neither normalised nor clipped)",
+               "raw": "data.target_scale != 1 (neither normalised nor clipped)",
+               "normalized": "train.normalize_targets=true", "clipped": "optim.clip_grad_norm > 0"}
+
+
 @measure("scale_sensitivity", {
     "unit_rel_rmse": "fit error, targets ~1", "raw_diverged": "diverged (1 = yes), scaled targets",
     "raw_rel_rmse": "fit error, scaled targets", "normalized_rel_rmse": "fit error, scaled + normalised",
@@ -267,9 +281,13 @@ def scale_sensitivity(runs, params) -> Measurement:
 
     def one(s):
         by = {kind(r): r for r in runs if r.config.seed == s}
-        return {"unit_rel_rmse": _rel_rmse(by.get("unit")), "raw_diverged": _diverged(by.get("raw")),
-                "raw_rel_rmse": _rel_rmse(by.get("raw")), "normalized_rel_rmse": _rel_rmse(by.get("normalized")),
-                "clipped_diverged": _diverged(by.get("clipped")), "clipped_rel_rmse": _rel_rmse(by.get("clipped"))}
+        for k, wanted in SCALE_KINDS.items():
+            if k not in by:
+                raise missing_run(runs, f"seed={s!r}, {wanted}", ("seed", "data.target_scale",
+                                  "train.normalize_targets", "optim.clip_grad_norm"))
+        return {"unit_rel_rmse": _rel_rmse(by["unit"]), "raw_diverged": _diverged(by["raw"]),
+                "raw_rel_rmse": _rel_rmse(by["raw"]), "normalized_rel_rmse": _rel_rmse(by["normalized"]),
+                "clipped_diverged": _diverged(by["clipped"]), "clipped_rel_rmse": _rel_rmse(by["clipped"])}
 
     first, curves = seeds(runs)[0], {}
     for r in (r for r in runs if r.config.seed == first):
@@ -322,6 +340,8 @@ def huber_interpolation(runs, params) -> Measurement:
     """Fitted (slope, intercept) of Huber at each delta against the MSE and MAE fits of the same data.
     Position t = projection onto the segment MAE (0) -> MSE (1). Expects mse, mae and huber at several deltas."""
     deltas = sorted({r.config.loss.delta for r in runs if setting(r, "loss.name") == "huber"})
+    if not deltas:
+        raise missing_run(runs, "loss.name='huber'", ("loss.name",))
 
     def positions(s):
         mse, mae = line(pick(runs, loss__name="mse", seed=s)), line(pick(runs, loss__name="mae", seed=s))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab import rundir, study, sweeps, trainer
-from lab.claim_measures import MEASURES
+from lab.claim_measures import MEASURES, MissingRun
 from lab.claim_report import numbers, spread, table_markdown, table_text, write_figures, write_report  # noqa: F401
 from lab.claim_studies import (  # noqa: F401
     EXPERIMENTS,
@@ -66,16 +66,13 @@ def evaluate(st: Study, runs: list[sweeps.Run]) -> ClaimResult:
     """Measure one study's runs and judge its checks. A measurement that raises makes the claim inconclusive."""
     spec = MEASURES[st.measure]
     labels = {m: spec.label(m, st.params) for m in spec.labels}
-    statuses: dict[str, int] = {}
-    for r in runs:
-        s = (r.summary or {}).get("status", "missing")
-        statuses[s] = statuses.get(s, 0) + 1
+    statuses = _statuses(runs)
     try:
         m = spec.fn(runs, st.params)
+    except MissingRun as e:  # a study-file mistake: its message says which run, no exception name needed
+        return _unmeasured(st, runs, f"measurement failed: {e}")
     except Exception as e:  # noqa: BLE001 — one broken measurement must not cost the other claims
-        checks = [CheckResult(c, labels[c.metric], [], "inconclusive", 0, 0) for c in st.checks]
-        return ClaimResult(st, {}, labels, checks, "inconclusive", statuses=statuses, runs=runs,
-                           error=f"measurement failed: {e.__class__.__name__}: {e}")
+        return _unmeasured(st, runs, f"measurement failed: {e.__class__.__name__}: {e}")
     checks = []
     for c in st.checks:
         values = [float(v) for v in m.values.get(c.metric, [])]
@@ -83,6 +80,23 @@ def evaluate(st: Study, runs: list[sweeps.Run]) -> ClaimResult:
         checks.append(CheckResult(c, labels[c.metric], values, outcome, passed, failed, interval))
     return ClaimResult(st, m.values, labels, checks, verdict([c.outcome for c in checks]), m.details, m.plots,
                        statuses, runs=runs)
+
+
+def _unmeasured(st: Study, runs: list[sweeps.Run], error: str) -> ClaimResult:
+    """A claim with no numbers (its measurement failed, or was never reached): every check inconclusive."""
+    spec = MEASURES[st.measure]
+    labels = {m: spec.label(m, st.params) for m in spec.labels}
+    checks = [CheckResult(c, labels[c.metric], [], "inconclusive", 0, 0) for c in st.checks]
+    return ClaimResult(st, {}, labels, checks, "inconclusive", statuses=_statuses(runs), runs=runs, error=error)
+
+
+def _statuses(runs: list[sweeps.Run]) -> dict[str, int]:
+    """How many of the runs ended in each status ('missing' for a run without a summary)."""
+    statuses: dict[str, int] = {}
+    for r in runs:
+        s = (r.summary or {}).get("status", "missing")
+        statuses[s] = statuses.get(s, 0) + 1
+    return statuses
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,6 +114,7 @@ class Report:
     interrupted: bool = False
     populations: int = 0
     figures: dict[str, Path] = field(default_factory=dict)
+    interrupted_while: str | None = None  # training | measuring | drawing figures
 
 
 def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path | str = EXPERIMENTS,
@@ -126,11 +141,31 @@ def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path 
         with _one_thread():
             _, interrupted = study.execute(all_runs, out / "runs", figures=False, on_done=progress.done)
     train_s = time.perf_counter() - t0
-    results = [evaluate(st, by_study[st.id]) for st in studies]
-    report = Report(results, out, quick, len(all_runs), train_s, 0.0, interrupted, populations)
-    report.figures = write_figures(results, out / "figures", tensorboard=True)
-    report.total_s = time.perf_counter() - t0
-    write_report(report)
+    report = Report([], out, quick, len(all_runs), train_s, 0.0, interrupted, populations,
+                    interrupted_while="training" if interrupted else None)
+    # A Ctrl-C (or SIGTERM) after training stops the measuring or the figures, never the report: the
+    # claims not measured yet are inconclusive, and report.md, table.md and claims.json say so. As in
+    # lab.study, the first signal stops the work and any later one waits for the files.
+    with study._Stop() as stop:
+        try:
+            for st in studies:
+                report.results.append(evaluate(st, by_study[st.id]))
+        except KeyboardInterrupt:
+            report.interrupted, report.interrupted_while = True, "measuring"
+        if report.interrupted_while != "measuring":  # after a Ctrl-C nobody waits for figures
+            try:
+                write_figures(report.results, out / "figures", tensorboard=True, paths=report.figures)
+            except KeyboardInterrupt:
+                report.interrupted, report.interrupted_while = True, "drawing figures"
+        stop.requested = True  # the report is three small files: a signal from here on waits for them
+        measured = len(report.results)
+        report.results += [_unmeasured(st, by_study[st.id], "not measured: interrupted")
+                           for st in studies[measured:]]
+        report.total_s = time.perf_counter() - t0
+        write_report(report)
+    if report.interrupted_while in ("measuring", "drawing figures"):
+        log(f"interrupted while {report.interrupted_while}: {measured} of {len(studies)} claims measured, "
+            f"{len(report.figures)} figures drawn; report: {out / 'report.md'}")
     return report
 
 
@@ -165,10 +200,13 @@ def _one_thread():
 
 
 class _Progress:
-    """One stderr line per study once all its runs are done."""
+    """One stderr line per study once all its runs are done, saying how they ended: 'trained' when every
+    run completed, 'trained ... (2 diverged, 1 failed; ...)' when some did not, 'interrupted ... (3 of 8
+    runs finished; ...)' when a Ctrl-C stopped the others."""
 
     def __init__(self, studies, by_study, log):
         self.owner = {id(r): st for st in studies for r in by_study[st.id]}
+        self.runs = {st.id: by_study[st.id] for st in studies}
         self.left = {st.id: len(by_study[st.id]) for st in studies}
         self.log, self.t0 = log, time.perf_counter()
 
@@ -178,12 +216,22 @@ class _Progress:
             return
         self.left[st.id] -= 1
         if self.left[st.id] == 0:
-            self.log(f"  trained {st.id:>3} {st.title} ({time.perf_counter() - self.t0:.1f} s)")
+            word, detail = self.outcome(self.runs[st.id])
+            self.log(f"  {word} {st.id:>3} {st.title} ({detail}{time.perf_counter() - self.t0:.1f} s)")
+
+    @staticmethod
+    def outcome(runs) -> tuple[str, str]:
+        """('trained' or 'interrupted', what the runs' statuses add, ending in '; ' when not empty)."""
+        statuses = _statuses(runs)
+        if statuses.get("interrupted"):
+            return "interrupted", f"{len(runs) - statuses['interrupted']} of {len(runs)} runs finished; "
+        others = ", ".join(f"{n} {s}" for s, n in statuses.items() if s != "completed")
+        return "trained", f"{others}; " if others else ""
 
 
 def main(args) -> int:
     """`lab claims [--quick] [--out DIR] [--only IDS]`: 0 all runs done, 1 a run or measurement failed, 130
-    interrupted."""
+    interrupted (while training, measuring or drawing; the table and report of what was done are written)."""
     only = getattr(args, "only", None)
     report = run(quick=args.quick, out=Path(args.out), experiments=Path(getattr(args, "experiments", None)
                                                                           or EXPERIMENTS),

@@ -177,16 +177,19 @@ class MeanStd:
         return text if self.of is None or self.n >= self.of else f"{text} (n={self.n}/{self.of})"
 
 
-def _num(v) -> float | None:
-    """A summary's number as a float; None for anything else, a non-finite value, or an integer past the
-    float range (a hand-edited summary.json may hold any of them)."""
+def _num(v) -> int | float | None:
+    """A summary's number; None for anything else, a non-finite value, or an integer past the float range
+    (a hand-edited summary.json may hold any of them). An integer stays one, so that the CSV writes a
+    step count as 43, not 43.0."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     try:
         f = float(v)
     except OverflowError:
         return None
-    return f if math.isfinite(f) else None
+    if not math.isfinite(f):
+        return None
+    return v if isinstance(v, int) else f
 
 
 def _order(v):

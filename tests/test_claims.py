@@ -5,16 +5,20 @@ Covers lab/claims.py, lab/claim_studies.py, lab/claim_measures.py, lab/claim_tra
 lab/claim_comparison.py and lab/claim_report.py.
 """
 
+import dataclasses
 import json
 import math
+import os
+import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lab import claim_comparison, claim_studies, claim_training, claims, cli, config, data, sweeps
+from lab import claim_comparison, claim_studies, claim_training, claims, cli, config, data, sweeps, trainer
 from lab import claim_measures as cm
 from lab.claim_studies import Check, judge, verdict
 from lab.config import ConfigError
@@ -185,6 +189,107 @@ def test_claims_output_is_written_atomically(loss_only, tmp_path, monkeypatch):
     claims.run(out=tmp_path / "o", experiments=loss_only, log=lambda m: None)
     assert set(written) == {claims.MARKER, "figures/target_practice.png", "figures/gradient_flow.png",
                             "figures/log_cosh.png", "report.md", "table.md", "claims.json"}
+
+
+def _ctrl_c():
+    """What a Ctrl-C does: SIGINT to this process (its handler, not the caller, decides what follows)."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_while_measuring_still_writes_the_report(loss_only, tmp_path, monkeypatch, capsys):
+    # A Ctrl-C after training used to leave no report.md, table.md or claims.json, and a bare "interrupted".
+    # Here it lands in claim 4's measurement, and a second one while report.md is written is ignored.
+    def interrupted(runs, params):
+        _ctrl_c()
+        raise AssertionError("the Ctrl-C did not stop the measurement")
+
+    monkeypatch.setitem(cm.MEASURES, "gradient_flow", dataclasses.replace(cm.MEASURES["gradient_flow"], fn=interrupted))
+    from lab import rundir
+
+    real = rundir.write_atomic
+
+    def second_ctrl_c(path, payload):
+        if Path(path).name == "report.md":
+            _ctrl_c()
+        real(path, payload)
+
+    monkeypatch.setattr(rundir, "write_atomic", second_ctrl_c)
+    out = tmp_path / "out"
+    assert cli.main(["claims", "--out", str(out)]) == 130
+    printed = capsys.readouterr()
+    assert "1. Penalty scaling" in printed.out and "not measured: interrupted" in printed.out
+    assert printed.err == (f"interrupted while measuring: 1 of 3 claims measured, 0 figures drawn; "
+                           f"report: {out / 'report.md'}\n")
+    saved = json.loads((out / "claims.json").read_text())
+    assert (saved["interrupted"], saved["interrupted_while"]) == (True, "measuring")
+    assert [(c["id"], c["verdict"], c["error"]) for c in saved["claims"]] == [
+        ("1", "holds", None), ("4", "inconclusive", "not measured: interrupted"),
+        ("10", "inconclusive", "not measured: interrupted")]
+    report = (out / "report.md").read_text()
+    assert "**Interrupted** while measuring: claims 4, 10 not measured (inconclusive); no figures drawn." in report
+    assert (out / "table.md").read_text().count("\n") == 3 + 2 and not (out / "figures").exists()
+
+
+def test_ctrl_c_while_drawing_keeps_the_figures_already_drawn(loss_only, tmp_path, monkeypatch, capsys):
+    from lab import figures
+
+    real, drawn = figures.claim_figure, []
+
+    def draw_one_then_ctrl_c(payload):
+        if drawn:
+            _ctrl_c()
+        drawn.append(payload["kind"])
+        return real(payload)
+
+    monkeypatch.setattr(figures, "claim_figure", draw_one_then_ctrl_c)
+    out = tmp_path / "out"
+    assert cli.main(["claims", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted while drawing figures: 3 of 3 claims measured, "
+                                                     "1 figures drawn")
+    saved = json.loads((out / "claims.json").read_text())
+    assert [c["verdict"] for c in saved["claims"]] == ["holds"] * 3 and saved["interrupted_while"] == "drawing figures"
+    assert list(saved["figures"]) == ["target_practice"]  # claim 1's, drawn before the Ctrl-C
+    report = (out / "report.md").read_text()
+    assert "every claim measured; 1 of 3 figures drawn" in report and "![target_practice]" in report
+    assert "![gradient_flow]" not in report
+    assert _image_tags(out / "figures") == {"claims/target_practice"}  # the event file was closed, not lost
+
+
+def test_claims_json_writes_whole_numbers_as_integers(loss_only, tmp_path):
+    # Steps to converge are whole numbers kept as floats (NaN when a run failed): claims.json wrote 43.0.
+    claims.run(out=tmp_path / "o", experiments=loss_only, only=["1"], log=lambda m: None)
+    text = (tmp_path / "o" / "claims.json").read_text()
+    values = json.loads(text)["claims"][0]["values"]
+    assert values["mse_at"] == [16] and type(values["mse_at"][0]) is int  # MSE penalty of a 4-ring miss
+    assert re.findall(r"\d\.0\b", text) == []  # no number of the file is written as a whole float
+    from lab.claim_report import _json_numbers
+
+    assert _json_numbers({"steps_mse": [43.0, 48.0], "ratio": [2.09, math.nan], "big": 1e300, "inf": -math.inf}) == \
+        {"steps_mse": [43, 48], "ratio": [2.09, "nan"], "big": 1e300, "inf": "-inf"}
+
+
+def _hand_made_runs(statuses):
+    runs = [sweeps.Run(config=None, name=f"r{i}") for i in range(len(statuses))]
+    for r, s in zip(runs, statuses):
+        r.summary = {"status": s}
+    return runs
+
+
+@pytest.mark.parametrize("statuses,line", [
+    (["completed"] * 3, "trained   6 Convergence"),
+    (["completed", "failed", "diverged", "failed"], "trained   6 Convergence (2 failed, 1 diverged; "),
+    (["completed", "failed", "interrupted", "interrupted"], "interrupted   6 Convergence (2 of 4 runs finished; "),
+])
+def test_progress_line_says_how_a_study_s_runs_ended(statuses, line):
+    # It said "trained" whatever happened to the runs.
+    st = claim_studies.Study(Path("c.toml"), "6", "Convergence", "g", "m", "convergence_speed", {}, [])
+    runs, logged = _hand_made_runs(statuses), []
+    progress = claims._Progress([st], {"6": runs}, logged.append)
+    for r in runs:
+        progress.done(r)
+    (got,) = logged
+    assert got.startswith("  " + line) and re.search(r"\d\.\d s\)$", got), got
 
 
 def test_threshold_flip_on_a_loss_only_claim(loss_only, tmp_path):
@@ -429,6 +534,42 @@ def test_a_run_that_did_not_complete_measures_as_nan(tmp_path):
     assert cm.steps_to_converge(r) == 101  # never converged: censored at steps + 1
 
 
+def test_a_run_missing_from_the_grid_is_named(tmp_path):
+    # A grid without a run a measurement looks up made the claim inconclusive with "measurement failed:
+    # AttributeError: 'NoneType' object has no attribute 'dir'" (after training every other run).
+    runs = [_run(tmp_path, {"loss.name": n, "seed": 0}, {"steps_to_converge": 10}) for n in ("mae", "huber")]
+    st = claim_studies.Study(Path("convergence_speed.toml"), "6", "t", "g", "m", "convergence_speed", {},
+                             [Check("mae_over_mse", min=1.25)])
+    res = claims.evaluate(st, runs)
+    assert res.verdict == "inconclusive" and [c.outcome for c in res.checks] == ["inconclusive"]
+    assert res.error == ("measurement failed: the study has no run with loss.name='mse', seed=0 (its 2 runs have "
+                         "loss.name 'mae', 'huber'; seed 0); add it to the study's [sweep]")
+    # The measurements with their own look-ups name what they miss too (they measured it as NaN, silently).
+    osc = [_run(tmp_path, {"loss.name": n, "seed": 0}, {}) for n in ("mae", "huber", "mse")]
+    with pytest.raises(cm.MissingRun, match=r"loss.name='mae', seed=0, a decaying optim.schedule \(its 3 runs"):
+        claim_training.oscillation(osc, cm.MEASURES["oscillation"].defaults)
+    scale = [_run(tmp_path, {"loss.name": "mse", "data.target_scale": t}, {}) for t in (1.0, 1000.0)]
+    with pytest.raises(cm.MissingRun, match="seed=0, train.normalize_targets=true"):
+        claim_training.scale_sensitivity(scale, {})
+    with pytest.raises(cm.MissingRun, match="no run with loss.name='huber'"):
+        claim_training.huber_interpolation(osc[::2], {})
+
+
+def test_oscillation_is_measured_from_the_final_row_when_no_curve_was_logged(tmp_path):
+    # train.log_every = 0 logs no scalars (only the summary's final row): the close-up figure's
+    # steps.max() on no steps failed the whole claim ("zero-size array to reduction operation maximum").
+    def osc_run(name, amplitude, schedule="constant"):
+        final = {"oscillation/param_amplitude": amplitude, "convergence/ref_param_error": amplitude / 2,
+                 "oscillation/flip_rate": 0.5}
+        return _run(tmp_path, {"loss.name": name, "optim.schedule": schedule, "train.log_every": 0},
+                    {"final": final})
+
+    runs = [osc_run("mae", 1e-2), osc_run("mae", 1e-5, "cosine"), osc_run("huber", 1e-4), osc_run("mse", 1e-6)]
+    m = claim_training.oscillation(runs, cm.MEASURES["oscillation"].defaults)
+    assert m.values["decay_ratio"] == [pytest.approx(1e3)] and m.values["huber_ratio"] == [pytest.approx(1e2)]
+    assert m.plots["oscillation"]["traces"] == {}
+
+
 # A run that did not complete is missing data: the seed's number is NaN whatever the order of the runs, and
 # a claim measured only on such seeds is inconclusive, never 'holds' or 'does not hold'.
 
@@ -548,3 +689,33 @@ def test_quick_values_of_zipped_keys_are_checked_as_the_sweeps_own(tmp_path):
     path.write_text(base + '[claim.quick]\n"loss.name,seed" = [["mae", 3]]\n')
     st = claim_studies.load_study(path, quick=True)
     assert [(c.loss.name, c.seed) for c, _ in st.grid] == [("mae", 3)]
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interrupted runs, as lab claims records them (lab.trainer's results)
+
+
+def test_an_interrupted_run_says_how_many_steps_it_trained(tmp_path):
+    # An interrupted run's summary said steps = -1 beside a steps_to_converge it had reached. Full-batch
+    # SGD on MSE: the gap, once within tolerance, stays there, so the step the interrupted run saw is the
+    # completed run's. should_stop is polled at each flush, one per log step (0, 5, ..., 95): the 20th
+    # poll stops the run at step 95, before that step's update, so it made 95 updates.
+    cfg = config.from_flat({"data.kind": "clean", "data.n": 32, "train.steps": 200, "train.log_every": 5,
+                            "optim.lr": 0.1, "train.figures": False})
+
+    def train(cfg, polls_before_stop=None):
+        polls = iter(range(10**6))
+        stop = None if polls_before_stop is None else (lambda: next(polls) + 1 >= polls_before_stop)
+        return trainer.train([cfg], [data.make("clean", n=32, seed=0)], flush_every=1, should_stop=stop)[0]
+
+    full, cut = train(cfg), train(cfg, polls_before_stop=20)
+    assert (full.status, full.steps) == ("completed", 200)
+    assert (cut.status, cut.steps) == ("interrupted", 95)
+    assert full.steps_to_converge is not None and 0 < full.steps_to_converge < 95
+    assert cut.steps_to_converge == full.steps_to_converge
+    # With minibatches the gap an interruption leaves may be one minibatch's: no convergence step is claimed.
+    mini = config.from_flat({**config.to_flat(cfg), "train.batch_size": 8})
+    cut = train(mini, polls_before_stop=20)
+    assert (cut.status, cut.steps, cut.steps_to_converge) == ("interrupted", 95, None)
+

@@ -137,6 +137,14 @@ def test_by_averages_completed_runs_only_and_says_how_many(tmp_path, capsys):
     assert saved["loss_mean"] == "0.28" and saved["loss_n"] == "1"
 
 
+def test_csv_writes_a_step_count_as_an_integer(sweep, tmp_path):
+    # summary.json holds steps_to_converge as an integer; the CSV wrote it as 20.0.
+    assert report.main(args(sweep, csv=tmp_path / "t.csv")) == 0
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text()))}
+    assert rows["clean-mse-s1"]["conv_step"] == "20" and rows["clean-mae-s0"]["conv_step"] == ""  # never converged
+    assert rows["clean-mse-s1"]["loss"] == "2.0" and rows["clean-mse-s1"]["slope"] == "2.5"  # floats stay floats
+
+
 def test_a_full_group_shows_no_count(sweep):
     t = report.aggregate(report.load_runs(sweep), ["loss.name"])
     assert str(dict(zip(t.header, t.rows[1]))["loss"]) == "2 ± 1"  # mse: 3 of 3 runs
