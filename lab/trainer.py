@@ -58,7 +58,16 @@ _HISTORY_ELEMENTS = 1 << 22
 
 @dataclass
 class RunResult:
-    """What one run of a population produced (plain Python values, original units)."""
+    """What one run of a population produced (plain Python values, original units).
+
+    steps: the steps trained, train.steps for a completed run; for a diverged one the step it left the
+    finite numbers (= diverged_step); for an interrupted one the updates done before the interruption.
+    steps_to_converge: the first step from which the gap to the exact optimum stayed within tolerance
+    through the last step trained (metrics.steps_to_converge); None when the run ended above it,
+    diverged, or has no exact optimum. An interrupted run's value holds up to its interruption, not
+    necessarily to train.steps; with minibatches it is None, because the gap an interruption leaves
+    may be one minibatch's, while convergence is judged on the full training set at log steps.
+    """
 
     status: str
     steps: int
@@ -311,6 +320,8 @@ def _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, ta
     named_all = shapes.named(P_cpu)
     last = last_row["values"][:, inverse.argsort()] if last_row else np.full((len(tags), N), np.nan)  # run order
     last = last.tolist()
+    # An interruption can land mid-step, where `gap` may still be a minibatch's (see RunResult).
+    minibatch_gap = interrupted and 0 < cfgs[0].train.batch_size < pop.y3.shape[1]
     results = []
     for i, c in enumerate(cfgs):
         one = {kk: v[i].clone() for kk, v in named_all.items()}
@@ -319,13 +330,14 @@ def _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, ta
         status = "diverged" if diverged else ("interrupted" if interrupted else "completed")
         r = refs[i]
         results.append(RunResult(
-            status=status, steps=steps if status == "completed" else alive_cpu[i] if diverged else -1,
+            # alive counts the updates a run made while finite: its steps, unless it completed them all
+            status=status, steps=steps if status == "completed" else alive_cpu[i],
             params=params,
             reference=None if r is None else {"loss": r.loss,
                                               "params": population.to_original_units(r.params, c, mu_h[i], sd_h[i]),
                                               "method": r.method, "exact": r.exact, "units": "training"},
             final={tag: float(last[t][i]) for t, tag in enumerate(tags)},
-            steps_to_converge=None if r is None or diverged else metrics.steps_to_converge(
+            steps_to_converge=None if r is None or diverged or minibatch_gap else metrics.steps_to_converge(
                 above_cpu[i], gap_cpu[i], tol_cpu[i]),
             diverged_step=alive_cpu[i] if diverged else None,
             last_finite=params if diverged else {},
