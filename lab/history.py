@@ -39,6 +39,10 @@ class History:
         self.loss = torch.zeros(capacity, n_runs, dtype=dtype, device=device)
         self.params = torch.zeros(capacity, n_runs, n_params, dtype=dtype, device=device) if track_params else None
         self.flips = None if track_params else torch.zeros(capacity, n_runs, dtype=dtype, device=device)
+        # One view per slot, made once: `record` runs every step, and a copy into a view costs half of
+        # an indexed assignment (~1.7 against ~3 us on a CPU, mostly Python's indexing).
+        self._loss_at = self.loss.unbind(0)
+        self._params_at = None if self.params is None else self.params.unbind(0)
 
     def first_needed(self, row_step: int) -> int:
         """The oldest step a row at `row_step` reads: window + 2 parameter vectors end at it."""
@@ -51,9 +55,9 @@ class History:
     def record(self, step: int, loss: torch.Tensor, P: torch.Tensor) -> None:
         """Keep step's loss [N] and, when tracked, its parameters [N, P] (before the step's update)."""
         slot = step % self.capacity
-        self.loss[slot] = loss
-        if self.params is not None:
-            self.params[slot] = P
+        self._loss_at[slot].copy_(loss)
+        if self._params_at is not None:
+            self._params_at[slot].copy_(P)
 
     def record_flips(self, step: int, share: torch.Tensor) -> None:
         """Keep the share of parameters [N] whose update at `step` reversed the one before (untracked models)."""

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lab.metrics import (
+    HIST_BINS,
     HIST_TAGS,
     histogram,
     kurtosis_from_sums,
@@ -59,6 +61,7 @@ class RawRow:
     grad: torch.Tensor | None  # [2, N]: norm (pre-clip when clipped) and largest |component|; None if `grads`
     grads: torch.Tensor | None  # [N, P] a copy of the gradients (line models, unclipped): tag_rows takes both
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
+    histograms: torch.Tensor | None = None  # row_histograms, at a histogram step (lab.row_worker.Rows adds them)
 
 
 def row_sums_size(pop) -> int:
@@ -293,20 +296,36 @@ def _loss_in_original_units(pop, e_all: torch.Tensor):
     return m if pop.root is None else torch.where(pop.root, m.clamp_min(0).sqrt(), m)
 
 
-def population_histograms(pop, step, chain, on_hist, inverse):
-    """Histograms of residuals (original units, averaged over outputs) and per-sample gradient magnitudes
-    of the row step's full batch (the population's row buffers, so before lab.row_worker.Rows.submit moves
-    them to the next slot), computed on the device."""
-    resid = pop.row_e.mean(-1) if pop.k > 1 else pop.row_e[..., 0]
+def row_histograms(pop, e: torch.Tensor, psi: torch.Tensor, chain: torch.Tensor | None) -> torch.Tensor:
+    """Histograms of a row step's full-batch residuals (original units, averaged over outputs) and
+    per-sample gradient magnitudes |psi| (times |dL/dm| for rmse runs: `chain` [N], else None), from the
+    row's e and psi [N, n, k] (psi whole: `row_psi`): [len(HIST_TAGS), N, HIST_BINS + 2], each tag's
+    counts, then its lo and hi (metrics.histogram). Computed where the row's sums are (lab.row_worker)."""
+    resid = e.mean(-1) if pop.k > 1 else e[..., 0]
     if pop.any_norm:
         resid = resid * pop.sd  # pred - y = sd e
-    per_sample = row_psi(pop, pop.row_e, pop.row_psi).abs().sum(-1)
+    per_sample = psi.abs().sum(-1)
     if chain is not None:
         per_sample = per_sample * chain.abs()[:, None]
     values_of = {"grad/per_sample_abs": per_sample, "residual/values": resid}
+    parts = []
     for tag in HIST_TAGS:
-        counts, lo, hi = histogram(values_of[tag])
-        on_hist(step, tag, counts.cpu().numpy()[inverse], lo.cpu().numpy()[inverse], hi.cpu().numpy()[inverse])
+        counts, lo, hi = histogram(values_of[tag], HIST_BINS)
+        parts.append(torch.cat([counts, lo[:, None], hi[:, None]], 1))
+    return torch.stack(parts)
+
+
+def row_histograms_shape(pop) -> tuple[int, int, int]:
+    return len(HIST_TAGS), pop.y3.shape[0], HIST_BINS + 2
+
+
+def emit_histograms(step: int, histograms: torch.Tensor, on_hist, inverse) -> None:
+    """Hand a row's `row_histograms` to on_hist(step, tag, counts [N, bins], lo [N], hi [N]), runs in
+    the caller's order (`inverse`): one host copy for both tags."""
+    host = histograms.cpu().numpy()
+    for tag, h in zip(HIST_TAGS, host):
+        h = h[inverse]
+        on_hist(step, tag, np.ascontiguousarray(h[:, :-2]), h[:, -2].copy(), h[:, -1].copy())
 
 
 def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:

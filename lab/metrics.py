@@ -41,6 +41,7 @@ SCALAR_TAGS = (
     "quantile/coverage",
 )
 HIST_TAGS = ("grad/per_sample_abs", "residual/values")
+HIST_BINS = 30  # equal-width buckets per run and histogram, between the run's own min and max
 
 
 def flip_rate(history: torch.Tensor, rows: int) -> torch.Tensor:
@@ -184,7 +185,7 @@ def coverage_of_residuals(e: torch.Tensor) -> torch.Tensor:
     return (e.sign() + 1).clamp_(max=1).sum(-1) / e.shape[-1]
 
 
-def histogram(values: torch.Tensor, bins: int = 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def histogram(values: torch.Tensor, bins: int = HIST_BINS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-run histogram on the device: values [runs, n] -> (counts [runs, bins], lo [runs], hi [runs]).
 
     Each run gets `bins` equal-width buckets between its own min and max, counted with one

@@ -12,7 +12,9 @@ the training time while a second core sits idle. `Rows` moves them there:
   the step writes none: a cold write of psi cost the step more than deriving it costs the worker.
 - A process forked from the training process (it shares the population's data, copy on write, and needs
   no import or pickling) computes `row_sums` from the slot (deriving the psi left out, log_row.row_psi)
-  into the row's place in a shared output, and sends the row index back.
+  into the row's place in a shared output, and sends the row index back. At a histogram step it also
+  computes the row's histograms (log_row.row_histograms, ~3 ms for 200 runs: more than a row's sums)
+  into the slot's histogram buffer, which the loop copies out when the answer comes.
 - At a flush the loop waits for the rows it has sent and reads their sums: the same numbers, from the
   same code on the same data, as the rows computed in the loop (tests/test_row_worker.py).
 
@@ -62,7 +64,7 @@ MAX_SLOTS = 4
 # A worker that sends no answer for this long is taken for dead (a row of 10,000 runs takes ~30 ms).
 TIMEOUT_S = 60.0
 
-_REQUEST = struct.Struct("ii")  # slot, row index (its row of `out`)
+_REQUEST = struct.Struct("iii")  # slot, row index (its row of `out`), 1 where the row has histograms
 _REPLY = struct.Struct("i")  # row index
 
 
@@ -85,11 +87,12 @@ def worker_pays(device: torch.device, elements: int, rows: int) -> bool:
 class Rows:
     """Where a population's log rows get their sums: in the loop (`worker=False`) or in a forked worker.
 
-    The loop calls `submit(raw, P, step)` at each row step, after the step wrote its e and psi into
-    `pop.row_e`, `pop.row_psi` (with a worker, only the psi it does not derive: `Population.psi_derived`),
-    `collect()` at a flush, which returns the rows with their sums (raw.sums)
-    and their steps, and `clear()` once they are logged; `close()` at the end. At most `capacity` rows
-    wait between clears.
+    The loop calls `submit(raw, P, step, histograms, chain)` at each row step, after the step wrote its e
+    and psi into `pop.row_e`, `pop.row_psi` (with a worker, only the psi it does not derive:
+    `Population.psi_derived`), `collect()` at a flush, which returns the rows with their sums (raw.sums)
+    and, where asked for, their histograms (raw.histograms: log_row.row_histograms, ~3 ms for 200 runs,
+    also off the training core) and their steps, and `clear()` once they are logged; `close()` at the
+    end. At most `capacity` rows wait between clears.
 
     A row counts as submitted once `submit` has registered it, in one list append: a Ctrl-C (a
     KeyboardInterrupt anywhere in the loop) before that leaves no trace of it, after it the row is
@@ -99,7 +102,8 @@ class Rows:
 
     def __init__(self, pop, P: torch.Tensor, capacity: int, worker: bool):
         self.pop, self.capacity = pop, capacity
-        self.rows: list[tuple[log_row.RawRow, int, int | None]] = []  # (row, step, slot) since the last collect
+        # (row, step, slot, histograms wanted, rmse chain [N] or None) since the last collect
+        self.rows: list[tuple[log_row.RawRow, int, int | None, bool, torch.Tensor | None]] = []
         self.sent = 0  # rows[:sent] were sent to the worker
         self.done: set[int] = set()  # rows (indices into self.rows) the worker has answered
         self.slot_rows: dict[int, int] = {}  # slot -> the unanswered row that holds it
@@ -116,6 +120,9 @@ class Rows:
         self.psi = [_shared(shape, dtype) for _ in range(slots)]
         self.P = [_shared(P.shape, dtype) for _ in range(slots)]
         self.out = _shared((capacity, log_row.row_sums_size(pop), P.shape[0]), dtype)
+        # a histogram row's histograms, per slot: the loop copies them out when the row is answered
+        self.hist = [_shared(log_row.row_histograms_shape(pop), dtype) for _ in range(slots)]
+        self.chain = [_shared(P.shape[:1], dtype) for _ in range(slots)]  # rmse populations' dL/dm
         self.slots, self.batch = slots, max(1, slots // 2)
         self.slot = 0  # where the next row step writes
         pop.row_e, pop.row_psi = self.e[0], self.psi[0]
@@ -132,7 +139,7 @@ class Rows:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
                 if pid == 0:  # the worker (signals held back by the gate): never returns into the caller's code
-                    _serve(pop, self.e, self.psi, self.P, self.out, requests_r, replies_w,
+                    _serve(pop, self.e, self.psi, self.P, self.out, self.hist, self.chain, requests_r, replies_w,
                            (self.requests, self.replies))
         except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): the rows are computed in the loop
             pop.psi_derived = False
@@ -153,18 +160,23 @@ class Rows:
     def first_step(self) -> int | None:
         return self.rows[0][1] if self.rows else None
 
-    def submit(self, raw: log_row.RawRow, P: torch.Tensor, step: int) -> None:
-        """The row step `raw` (its sums still None) at `step`: its sums are computed now, or by the worker."""
+    def submit(self, raw: log_row.RawRow, P: torch.Tensor, step: int, histograms: bool = False,
+               chain: torch.Tensor | None = None) -> None:
+        """The row step `raw` (its sums still None) at `step`: its sums (and with `histograms`, its
+        histograms; chain: the rmse runs' dL/dm [N] or None) are computed now, or by the worker."""
         if len(self.rows) >= self.capacity:
             raise RuntimeError(f"more than {self.capacity} rows submitted without a clear")
         if self.pid is None:
-            raw.sums = _sums(self.pop, self.pop.row_e, self.pop.row_psi, P)
-            self.rows.append((raw, step, None))
+            raw.sums, raw.histograms = _compute(self.pop, self.pop.row_e, self.pop.row_psi, P, histograms, chain)
+            self.rows.append((raw, step, None, histograms, chain))
             return
         self.P[self.slot].copy_(P)
+        if histograms and chain is not None:
+            self.chain[self.slot].copy_(chain)
+            chain = self.chain[self.slot]
         with self.gate.held():
             self.slot_rows[self.slot] = len(self.rows)
-            self.rows.append((raw, step, self.slot))  # from here on the row is the worker's
+            self.rows.append((raw, step, self.slot, histograms, chain))  # from here on the row is the worker's
             # Requests go in pairs where the ring allows: each wakes the sleeping worker, and a wake-up
             # across cores costs as much as a few hundred tensor ops' overhead on a virtual machine.
             if len(self.rows) - self.sent >= self.batch or len(self.slot_rows) == self.slots:
@@ -184,10 +196,12 @@ class Rows:
                 self._wait()
         # the answers out of the shared output in one copy (one per row cost ~20 us each, a row every step)
         answered = self.out[:len(self.rows)].clone().unbind(0) if self.done else ()
-        for i, (raw, _, slot) in enumerate(self.rows):
-            if raw.sums is None:  # answered by the worker, or (a fall-back cut short by Ctrl-C) never
-                raw.sums = (answered[i] if i in self.done else
-                            _sums(self.pop, self.e[slot], self.psi[slot], self.P[slot]))
+        for i, (raw, _, slot, histograms, chain) in enumerate(self.rows):
+            if i in self.done:  # answered by the worker (its histograms were copied out then)
+                raw.sums = answered[i]
+            elif raw.sums is None:  # (a fall-back cut short by Ctrl-C)
+                raw.sums, raw.histograms = _compute(self.pop, self.e[slot], self.psi[slot], self.P[slot],
+                                                    histograms, chain)
         return [r[0] for r in self.rows], [r[1] for r in self.rows]
 
     def clear(self) -> None:
@@ -220,7 +234,8 @@ class Rows:
         """Write the requests not yet sent (signals held by the caller)."""
         if self.sent == len(self.rows) or self.pid is None:
             return
-        requests = b"".join(_REQUEST.pack(slot, i) for i, (_, _, slot) in enumerate(self.rows[self.sent:], self.sent))
+        requests = b"".join(_REQUEST.pack(slot, i, histograms)
+                            for i, (_, _, slot, histograms, _) in enumerate(self.rows[self.sent:], self.sent))
         try:
             os.write(self.requests, requests)  # atomic: at most `capacity` requests of 8 bytes
         except OSError:  # BrokenPipeError: the worker is gone
@@ -243,8 +258,11 @@ class Rows:
                 self._fall_back("it exited")
                 return
             for (i,) in _REPLY.iter_unpack(answers):
+                raw, _, slot, histograms, _ = self.rows[i]
+                if histograms:  # out of the slot's buffer before the next row in this slot may overwrite it
+                    raw.histograms = self.hist[slot].clone()
                 self.done.add(i)
-                del self.slot_rows[self.rows[i][2]]
+                del self.slot_rows[slot]
 
     def _fall_back(self, why: str) -> None:
         """The worker is gone: the rows it had not answered are computed in the loop, from their slots, and
@@ -256,15 +274,19 @@ class Rows:
         _, status = os.waitpid(pid, 0)
         print(f"lab: the log-row worker stopped ({why}, wait status {status}); computing log rows in the "
               f"training process", file=sys.stderr)
-        for i, (raw, _, slot) in enumerate(self.rows):  # now: the next step may write any of their slots
+        for i, (raw, _, slot, histograms, chain) in enumerate(self.rows):  # now: the next step may write any slot
             if i not in self.done:
-                raw.sums = _sums(self.pop, self.e[slot], self.psi[slot], self.P[slot])
+                raw.sums, raw.histograms = _compute(self.pop, self.e[slot], self.psi[slot], self.P[slot],
+                                                    histograms, chain)
         self.slot_rows.clear()
 
 
-def _sums(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor, psi_out: torch.Tensor | None = None):
-    """log_row.row_sums of a row from its slot, psi derived where the step left it out (log_row.row_psi)."""
-    return log_row.row_sums(pop, e, log_row.row_psi(pop, e, psi, psi_out), P)
+def _compute(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor, histograms: bool, chain: torch.Tensor | None,
+             psi_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A row from its slot: (log_row.row_sums, log_row.row_histograms where asked for, else None), psi
+    derived where the step left it out (log_row.row_psi)."""
+    psi = log_row.row_psi(pop, e, psi, psi_out)
+    return log_row.row_sums(pop, e, psi, P), log_row.row_histograms(pop, e, psi, chain) if histograms else None
 
 
 class _Gate:
@@ -347,9 +369,10 @@ def _release_free_memory() -> None:
         pass
 
 
-def _serve(pop, e, psi, P, out, requests: int, replies: int, parent_ends: tuple[int, int]) -> None:
-    """The worker's loop: a slot and a row index in, the row's sums into `out`, the index back, until the
-    pipe of requests closes. Entered with SIGINT and SIGTERM held back (the parent's _Gate); never returns."""
+def _serve(pop, e, psi, P, out, hist, chain, requests: int, replies: int, parent_ends: tuple[int, int]) -> None:
+    """The worker's loop: a slot and a row index in, the row's sums into `out` (and where asked for, its
+    histograms into the slot's `hist`), the index back, until the pipe of requests closes. Entered with
+    SIGINT and SIGTERM held back (the parent's _Gate); never returns."""
     status = 1
     try:
         for fd in parent_ends:
@@ -365,8 +388,11 @@ def _serve(pop, e, psi, P, out, requests: int, replies: int, parent_ends: tuple[
             request = os.read(requests, _REQUEST.size)  # whole requests: each was written whole
             if not request:
                 break
-            slot, i = _REQUEST.unpack(request)
-            out[i] = _sums(pop, e[slot], psi[slot], P[slot], psi_rows)
+            slot, i, histograms = _REQUEST.unpack(request)
+            out[i], hists = _compute(pop, e[slot], psi[slot], P[slot], histograms, chain[slot] if pop.root is not None
+                                     else None, psi_rows)
+            if histograms:
+                hist[slot].copy_(hists)
             os.write(replies, _REPLY.pack(i))
         status = 0
     except BaseException as exc:  # noqa: BLE001 (one line, then the training process computes the rows)

@@ -125,7 +125,8 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
     """Train one population (all configs must share `population_key`); returns one result per run.
 
     on_log(block) receives scalars every `flush_every` log steps and at the end; on_hist(step, tag,
-    counts [N, bins], lo [N], hi [N]) receives histograms. should_stop() is polled at flushes; when it
+    counts [N, bins], lo [N], hi [N]) receives histograms, at the same flushes, just before the scalars of
+    the same rows (they are computed with the rows' sums: lab.row_worker). should_stop() is polled at flushes; when it
     says stop (or on KeyboardInterrupt) unfinished runs end with status 'interrupted' after a flush.
     Results and callback arrays are in the caller's run order. compile: run each block's loss and
     gradient through torch.compile (linear and constant models; see `population._compiled`): off by default,
@@ -232,6 +233,9 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
 
     def flush():
         raws, logged_steps = log_rows.collect()  # the rows since the last flush, with their sums
+        for raw, step in zip(raws, logged_steps):
+            if raw.histograms is not None:
+                log_row.emit_histograms(step, raw.histograms, on_hist, inverse)
         if raws:
             rows = log_row.tag_rows(pop, raws, history.tags(logged_steps))  # [S, T, N], all rows at once
             block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush
@@ -272,10 +276,9 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
                     # the full training set at log steps only (resolution: log_every steps).
                     last_above = torch.where(gap <= tol, last_above, step)
-                if hist_every and on_hist and step % hist_every == 0:  # (before submit moves the row buffers)
-                    log_row.population_histograms(pop, step, chain, on_hist, inverse)
                 raw = log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now)
-                log_rows.submit(raw, P, step)  # its sums: now, or on the row worker
+                histograms = bool(hist_every and on_hist and step % hist_every == 0)
+                log_rows.submit(raw, P, step, histograms, chain)  # its sums and histograms: now, or on the row worker
                 if len(log_rows) >= flush_every or history.must_flush(log_rows.first_step, next_row.get(step)):
                     flush()
                     if should_stop and should_stop():

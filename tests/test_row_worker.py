@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab import config, data, log_row, population, row_worker, trainer
+from lab import config, data, log_row, metrics, population, row_worker, trainer
 
 needs_fork = pytest.mark.skipif(not (sys.platform == "linux" and hasattr(os, "fork")), reason="a worker needs fork (Linux)")
 
@@ -88,6 +88,34 @@ def test_rows_from_the_worker_equal_rows_from_the_loop(monkeypatch, capfd, model
 
 
 @needs_fork
+def test_the_worker_computes_the_histograms_and_the_loop_none(monkeypatch, capfd):
+    # The histograms of a row are computed where its sums are: on the worker, off the training core. Spied
+    # in the training process only (patched after the fork, so the worker keeps the real function), the
+    # loop computes none of them; and they equal the loop's own, bit for bit (histograms at steps 0, 30,
+    # ..., 120: 5 rows x 2 tags, counts summing to n per run).
+    in_loop, row_histograms, init = [0], log_row.row_histograms, row_worker.Rows.__init__
+
+    def counted(*a):
+        in_loop[0] += 1
+        return row_histograms(*a)
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        monkeypatch.setattr(log_row, "row_histograms", counted)  # after the fork: this process only
+
+    monkeypatch.setattr(row_worker.Rows, "__init__", spy)
+    cfgs = _cfgs()
+    on_worker = _train(cfgs, worker=True)
+    assert in_loop[0] == 0 and capfd.readouterr().err == ""
+    hists = on_worker[2]
+    assert [(h[0], h[1]) for h in hists] == [(s, tag) for s in range(0, 121, 30) for tag in metrics.HIST_TAGS]
+    assert all(np.array_equal(h[2].sum(1), np.full(len(cfgs), 300.0)) for h in hists)
+    monkeypatch.setattr(row_worker.Rows, "__init__", init)
+    _assert_same(on_worker, _train(cfgs, worker=False))
+    assert in_loop[0] == 5  # the loop computes them itself without a worker
+
+
+@needs_fork
 def test_a_slow_worker_fills_the_ring_and_the_loop_waits(monkeypatch, capfd):
     # Every row takes the worker 20 ms (the loop's step well under 1 ms, a row every step): the ring of
     # slots fills and the loop waits for free slots, and no slot is written while the worker reads it.
@@ -129,11 +157,11 @@ def test_what_befalls_the_worker_loses_no_row(monkeypatch, capfd, sig, at, expec
     cfgs = _cfgs()
     submit, count = row_worker.Rows.submit, [0]
 
-    def signal_worker(self, raw, P, step):  # before the `at`-th row is submitted
+    def signal_worker(self, raw, P, step, *histograms):  # before the `at`-th row is submitted
         count[0] += 1
         if count[0] == at and self.pid is not None:
             os.kill(self.pid, sig)
-        submit(self, raw, P, step)
+        submit(self, raw, P, step, *histograms)
 
     monkeypatch.setattr(row_worker.Rows, "submit", signal_worker)
     hit = _train(cfgs, worker=True)
