@@ -161,7 +161,8 @@ def _interruption(report: Report) -> str:
     if report.interrupted_while == "measuring":
         skipped = [r.study.id for r in report.results if r.error == "not measured: interrupted"]
         line = (f"**Interrupted** while measuring: claim{'s' if len(skipped) > 1 else ''} {', '.join(skipped)} "
-                "not measured (inconclusive); no figures drawn.")
+                "not measured (inconclusive); no figures drawn." if skipped else
+                "**Interrupted** after measuring every claim: no figures drawn.")
     elif report.interrupted_while == "drawing figures":
         planned = sum(len(r.plots) for r in report.results)
         line = (f"**Interrupted** while drawing the figures: every claim measured; {len(report.figures)} of "

@@ -147,22 +147,24 @@ def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path 
     # claims not measured yet are inconclusive, and report.md, table.md and claims.json say so. As in
     # lab.study, the first signal stops the work and any later one waits for the files.
     with study._Stop() as stop:
+        phase = "measuring"
         try:
             for st in studies:
                 report.results.append(evaluate(st, by_study[st.id]))
+            phase = "drawing figures"  # (after a Ctrl-C while measuring nobody waits for figures)
+            write_figures(report.results, out / "figures", tensorboard=True, paths=report.figures)
+            stop.requested = True  # the report is three small files: a signal from here on waits for them
         except KeyboardInterrupt:
-            report.interrupted, report.interrupted_while = True, "measuring"
-        if report.interrupted_while != "measuring":  # after a Ctrl-C nobody waits for figures
-            try:
-                write_figures(report.results, out / "figures", tensorboard=True, paths=report.figures)
-            except KeyboardInterrupt:
-                report.interrupted, report.interrupted_while = True, "drawing figures"
-        stop.requested = True  # the report is three small files: a signal from here on waits for them
+            report.interrupted, report.interrupted_while = True, phase
+        stop.requested = True
         measured = len(report.results)
         report.results += [_unmeasured(st, by_study[st.id], "not measured: interrupted")
                            for st in studies[measured:]]
         report.total_s = time.perf_counter() - t0
         write_report(report)
+    if stop.deferred and not report.interrupted:  # a signal came while the report was written: the exit says so
+        report.interrupted = True
+        log(f"interrupted after the report was written; report: {out / 'report.md'}")
     if report.interrupted_while in ("measuring", "drawing figures"):
         log(f"interrupted while {report.interrupted_while}: {measured} of {len(studies)} claims measured, "
             f"{len(report.figures)} figures drawn; report: {out / 'report.md'}")

@@ -237,7 +237,7 @@ class Rows:
         requests = b"".join(_REQUEST.pack(slot, i, histograms)
                             for i, (_, _, slot, histograms, _) in enumerate(self.rows[self.sent:], self.sent))
         try:
-            os.write(self.requests, requests)  # atomic: at most `capacity` requests of 8 bytes
+            os.write(self.requests, requests)  # atomic: at most `capacity` requests of 12 bytes
         except OSError:  # BrokenPipeError: the worker is gone
             self._fall_back("it closed its pipe")
             return

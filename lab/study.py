@@ -80,6 +80,7 @@ class _Stop:
 
     def __init__(self):
         self.requested = False
+        self.deferred = 0  # signals that came once stopping had begun (ignored; a caller may still report them)
 
     def __enter__(self):
         self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
@@ -92,6 +93,7 @@ class _Stop:
 
     def _handle(self, signum, frame):
         if self.requested:  # already stopping: the files of the runs are being written
+            self.deferred += 1
             return
         self.requested = True
         raise KeyboardInterrupt

@@ -236,6 +236,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
         for raw, step in zip(raws, logged_steps):
             if raw.histograms is not None:
                 log_row.emit_histograms(step, raw.histograms, on_hist, inverse)
+                raw.histograms = None  # at most once: a flush interrupted after this logs the row's scalars again, not these
         if raws:
             rows = log_row.tag_rows(pop, raws, history.tags(logged_steps))  # [S, T, N], all rows at once
             block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush

@@ -230,6 +230,27 @@ def test_ctrl_c_while_measuring_still_writes_the_report(loss_only, tmp_path, mon
     assert (out / "table.md").read_text().count("\n") == 3 + 2 and not (out / "figures").exists()
 
 
+def test_ctrl_c_while_the_report_is_written_is_not_lost(loss_only, tmp_path, monkeypatch, capsys):
+    # Every claim measured and drawn; the only Ctrl-C lands while report.md is written. The files are
+    # finished (they say what was measured), and the exit code and one line say the Ctrl-C came: it used
+    # to be swallowed (exit 0).
+    from lab import rundir
+
+    real = rundir.write_atomic
+
+    def ctrl_c_in_report(path, payload):
+        if Path(path).name == "report.md":
+            _ctrl_c()
+        real(path, payload)
+
+    monkeypatch.setattr(rundir, "write_atomic", ctrl_c_in_report)
+    out = tmp_path / "out"
+    assert cli.main(["claims", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == f"interrupted after the report was written; report: {out / 'report.md'}\n"
+    saved = json.loads((out / "claims.json").read_text())
+    assert [c["verdict"] for c in saved["claims"]] == ["holds"] * 3 and len(saved["figures"]) == 3
+
+
 def test_ctrl_c_while_drawing_keeps_the_figures_already_drawn(loss_only, tmp_path, monkeypatch, capsys):
     from lab import figures
 

@@ -332,3 +332,22 @@ def test_closing_does_not_wait_forever_for_a_frozen_worker(monkeypatch):
     rows.close()
     assert 0.3 <= time.monotonic() - started < 10
     assert _reaped(pid) and rows.pid is None
+
+
+@pytest.mark.parametrize("worker", [pytest.param(True, marks=needs_fork), False])
+def test_a_flush_interrupted_after_its_histograms_logs_them_once(worker):
+    # A Ctrl-C inside on_log (the histograms of the block already handed over) ends the training; the
+    # final flush logs the block's scalar rows again (they were not cleared) but not its histograms.
+    cfgs, hists, blocks = _cfgs(), [], []
+
+    def on_log(block):
+        blocks.append(block)
+        if len(blocks) == 1:
+            raise KeyboardInterrupt
+
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
+    res = trainer.train(cfgs, datasets, on_log=on_log, on_hist=lambda *a: hists.append(a[:2]), flush_every=7,
+                        row_worker_process=worker)
+    assert {r.status for r in res} == {"interrupted"}
+    assert np.array_equal(blocks[0].steps, blocks[1].steps)  # the block's rows again, 7 rows: steps 0..18
+    assert hists == [(0, tag) for tag in metrics.HIST_TAGS]  # the one histogram step in it, once
