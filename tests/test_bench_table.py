@@ -27,3 +27,12 @@ def test_targets_are_reported_as_met_or_missed(speedup, every, expect_missed):
     assert [m.split(" (")[0] for m in missed] == expect_missed
     assert len(met) + len(missed) == 5
     assert all("vs" in m for m in met + missed)
+
+
+def test_the_overheads_show_the_range_of_their_repeats():
+    # Three repeats, each mode's study against the logging-off study of the same repeat: default
+    # 2.2/2.0, 2.4/2.0, 3.0/2.5 -> +10%, +20%, +20%; the median (the figure) lies inside the range shown.
+    runs = {"off": [2.0, 2.0, 2.5], "default": [2.2, 2.4, 3.0]}
+    assert bench_table._spread({"logging_execute_s_all": runs}, "default") == "; repeats +10% to +20%"
+    assert bench_table._spread({"logging_execute_s_all": {"off": [2.0], "default": [2.2]}}, "default") == ""
+    assert bench_table._spread({}, "every_step") == ""  # figures saved before the repeats were kept
