@@ -127,6 +127,11 @@ class Population:
     # reader derives it from e (lab.log_row.row_psi). A cold write of psi cost the step more than the worker
     # pays to derive it (measured with a row every step, 200 runs: 0.2 s of 2.6 s for all of psi).
     psi_derived: bool = False
+    # Set by a log-row worker for line models (linear, constant; not compiled): a row step writes no e at
+    # all, and the row's reader recomputes it from the row's parameters with the step's own ops
+    # (`row_residuals`: the same bits). The step keeps e in its own warm memory, and no cache line of the
+    # slots moves between the cores but the parameters'.
+    e_derived: bool = False
 
     def forward(self, named: dict, x: torch.Tensor) -> torch.Tensor:
         """Predictions [B, b, k] of the runs whose parameter views are `named`, at x [B, b, 1]."""
@@ -152,7 +157,7 @@ class Population:
         for blk in self.blocks:
             xb = blk.x if x is None else x[blk.runs]
             target = blk.y3 if y3 is None else y3[blk.runs]
-            e_out = self.row_e[blk.runs] if keep else None
+            e_out = self.row_e[blk.runs] if keep and not self.e_derived else None
             derived = self.psi_derived and blk.cheap_psi and not self.compiled  # (a compiled step keeps all psi)
             psi_out = self.row_psi[blk.runs] if keep and not derived else None
             if self.model.kind in ("linear", "constant"):
@@ -170,7 +175,7 @@ class Population:
                 psi, value = blk.terms(e, out=psi_out, **blk.params)
                 value = value / (e.shape[1] * e.shape[2])
                 flats.append(self.shapes.flat(self.model.vjp(blk.named, xb, psi)))
-            if keep and e.data_ptr() != e_out.data_ptr():  # a compiled step returns its own tensors
+            if keep and e_out is not None and e.data_ptr() != e_out.data_ptr():  # a compiled step's own tensors
                 e, psi = e_out.copy_(e), psi_out.copy_(psi)
             values.append(value)
             resids.append(e)
@@ -180,6 +185,16 @@ class Population:
         else:
             flat = _join(bias_grads if self.model.kind == "constant" else flats)
         return _join(values), flat, resids, psis
+
+    def row_residuals(self, P: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The residuals e = pred - target [N, n, k] on the full training set at parameters P [N, P] of a
+        line model, into `out`: block by block with the step's own ops (`block_residuals`), so they are
+        the bits the step computed at those parameters (for a row whose step did not keep them: e_derived)."""
+        named = self.shapes.named(P)
+        for blk in self.blocks:
+            block_residuals(self.model.kind, {key: v[blk.runs] for key, v in named.items()}, blk.x, blk.y3,
+                            out[blk.runs])
+        return out
 
     def chain(self, m: torch.Tensor):
         """(loss L [N], dL/dm [N] or None): rmse runs report sqrt(m); dL/dm = 1/(2 sqrt m), 0 at m = 0."""
@@ -196,14 +211,18 @@ def _block_terms(terms, kind: str, named: dict, x, target, params, e_out=None, p
     residuals e = pred - target and psi [B, b, k]); the gradients are sums over points (not yet divided
     by b * k). terms: the block loss's lab.fused.residual_terms; e_out, psi_out: where to write e and psi
     (or None), a row step's buffers: written in place, not copied there afterwards."""
-    if kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
-        e = torch.mul(x, named["weight"].transpose(1, 2), out=e_out).add_(named["bias"][:, None, :]).sub_(target)
-    else:  # [B, b, k]: the constant's value broadcast over points
-        e = torch.sub(named["value"][:, None, :], target, out=e_out)
+    e = block_residuals(kind, named, x, target, e_out)
     psi, value_sum = terms(e, out=psi_out, **params)
     # d/dw = sum_i psi_i x_i, d/db = sum_i psi_i (per output); the constant's value is a bias
     weight_grad = torch.linalg.vecdot(psi, x, dim=1) if kind == "linear" else None
     return value_sum / (e.shape[1] * e.shape[2]), weight_grad, psi.sum(1), e, psi
+
+
+def block_residuals(kind: str, named: dict, x, target, out=None) -> torch.Tensor:
+    """e = pred - target [B, b, k] of a block of a linear or constant model (into `out`, or a new tensor)."""
+    if kind == "linear":  # in_features = 1: elementwise, not a batch of 1x1 matmuls
+        return torch.mul(x, named["weight"].transpose(1, 2), out=out).add_(named["bias"][:, None, :]).sub_(target)
+    return torch.sub(named["value"][:, None, :], target, out=out)  # [B, b, k]: the value broadcast over points
 
 
 _COMPILED: dict = {}

@@ -9,9 +9,11 @@ the training time while a second core sits idle. `Rows` moves them there:
   into the current slot (`Population.terms(keep=True)`, the writes it does anyway), the loop copies the
   parameters in, sends (slot, row index) down a pipe, and takes the next slot no unanswered row holds.
   Where psi is a few ops of e (mse, rmse, mae, huber, quantile, expectile: `Population.psi_derived`),
-  the step writes none: a cold write of psi cost the step more than deriving it costs the worker.
+  the step writes none: a cold write of psi cost the step more than deriving it costs the worker. A
+  line model's step writes no e either (`Population.e_derived`): the worker recomputes it from the
+  slot's parameters with the step's own ops, into its own memory.
 - A process forked from the training process (it shares the population's data, copy on write, and needs
-  no import or pickling) computes `row_sums` from the slot (deriving the psi left out, log_row.row_psi)
+  no import or pickling) computes `row_sums` from the slot (deriving what the step left out)
   into the row's place in a shared output, and sends the row index back. At a histogram step it also
   computes the row's histograms (log_row.row_histograms, ~3 ms for 200 runs: more than a row's sums)
   into the slot's histogram buffer, which the loop copies out when the answer comes.
@@ -130,6 +132,10 @@ class Rows:
         # step's, whose rounding the eager derivation need not repeat (and where no block has a cheap psi,
         # there is nothing to derive: psi stays whole, with no copy per row).
         pop.psi_derived = not pop.compiled and any(blk.cheap_psi for blk in pop.blocks)
+        # A line model's step writes no e either: the worker recomputes it from the row's parameters into
+        # its own memory (Population.e_derived; 2-3 ops, ~0.1 ms for 200 runs), where the step's cold
+        # writes to the slots cost it more (every-step study, 200 runs: ~0.3 s of its ~2.7 s).
+        pop.e_derived = not pop.compiled and pop.model.kind in ("linear", "constant")
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         try:
@@ -142,7 +148,7 @@ class Rows:
                     _serve(pop, self.e, self.psi, self.P, self.out, self.hist, self.chain, requests_r, replies_w,
                            (self.requests, self.replies))
         except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): the rows are computed in the loop
-            pop.psi_derived = False
+            pop.psi_derived = pop.e_derived = False
             for fd in (requests_r, self.requests, self.replies, replies_w):
                 os.close(fd)
             self.gate.restore()
@@ -212,7 +218,7 @@ class Rows:
     def close(self) -> None:
         """End the worker (it exits when its pipe of requests closes), reap it, and give the signals back."""
         self.gate.restore()
-        self.pop.psi_derived = False  # (rows after this, in the loop, keep all of psi again)
+        self.pop.psi_derived = self.pop.e_derived = False  # (rows after this, in the loop, keep e and psi again)
         if self.pid is None:
             return
         pid, self.pid = self.pid, None
@@ -282,9 +288,12 @@ class Rows:
 
 
 def _compute(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor, histograms: bool, chain: torch.Tensor | None,
-             psi_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A row from its slot: (log_row.row_sums, log_row.row_histograms where asked for, else None), psi
-    derived where the step left it out (log_row.row_psi)."""
+             psi_out: torch.Tensor | None = None, e_out: torch.Tensor | None = None):
+    """A row from its slot: (log_row.row_sums, log_row.row_histograms where asked for, else None), e
+    recomputed from P (into e_out, else into `e`) and psi derived where the step left them out
+    (Population.row_residuals, log_row.row_psi)."""
+    if pop.e_derived:
+        e = pop.row_residuals(P, e if e_out is None else e_out)
     psi = log_row.row_psi(pop, e, psi, psi_out)
     return log_row.row_sums(pop, e, psi, P), log_row.row_histograms(pop, e, psi, chain) if histograms else None
 
@@ -384,13 +393,14 @@ def _serve(pop, e, psi, P, out, hist, chain, requests: int, replies: int, parent
         torch.set_num_threads(1)
         _release_free_memory()
         psi_rows = torch.empty_like(psi[0]) if pop.psi_derived else None  # this process's own, for every row
+        e_rows = torch.empty_like(e[0]) if pop.e_derived else None
         while True:
             request = os.read(requests, _REQUEST.size)  # whole requests: each was written whole
             if not request:
                 break
             slot, i, histograms = _REQUEST.unpack(request)
             out[i], hists = _compute(pop, e[slot], psi[slot], P[slot], histograms, chain[slot] if pop.root is not None
-                                     else None, psi_rows)
+                                     else None, psi_rows, e_rows)
             if histograms:
                 hist[slot].copy_(hists)
             os.write(replies, _REPLY.pack(i))

@@ -351,3 +351,23 @@ def test_a_flush_interrupted_after_its_histograms_logs_them_once(worker):
     assert {r.status for r in res} == {"interrupted"}
     assert np.array_equal(blocks[0].steps, blocks[1].steps)  # the block's rows again, 7 rows: steps 0..18
     assert hists == [(0, tag) for tag in metrics.HIST_TAGS]  # the one histogram step in it, once
+
+
+@needs_fork
+@pytest.mark.parametrize("model,writes_e", [("linear", False), ("constant", False), ("mlp", True)])
+def test_a_line_model_s_step_leaves_e_to_the_worker(monkeypatch, capfd, model, writes_e):
+    # With a worker, a line model's row step writes no residuals to the shared slots (they stay as mmap
+    # made them: zeros); the worker recomputes them from the row's parameters (Population.row_residuals),
+    # and the rows equal the loop's bit for bit. An MLP's step still writes them (its forward is no 2-op job).
+    made, init = [], row_worker.Rows.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(row_worker.Rows, "__init__", spy)
+    cfgs = _cfgs(model, **({"model.hidden": [4]} if model == "mlp" else {}))
+    on_worker = _train(cfgs, worker=True)
+    assert made[0].pid is None and capfd.readouterr().err == ""  # closed, after answering every row
+    assert all(bool(slot.any()) == writes_e for slot in made[0].e)
+    _assert_same(on_worker, _train(cfgs, worker=False))
