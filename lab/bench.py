@@ -27,6 +27,9 @@ every 10 steps, histograms every 200. Measured:
   on this machine, whatever is moved to it.
 - scale: 10,000 runs of the same kind (500 seeds), fully logged, each with its own run directory.
 
+The comparisons (the usual loop and its parameters, single runs, torch.compile, the second core) are
+measured by lab.bench_comparisons, the table rendered by lab.bench_table.
+
 `python -m lab.bench --out bench.json --markdown bench.md` writes the figures as JSON and as a
 Markdown table; `--device cuda` runs everything on the GPU; `--threads N` fixes torch's intra-op
 threads in every process (default: torch's choice).
@@ -50,6 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lab.bench_comparisons import compare_params, compiled_population, run_baseline, second_core, single_runs
 from lab.bench_table import markdown  # the figures as the README's table, with the issue's targets
 
 LOSSES = ("mse", "mae", "huber", "log_cosh", "quantile")
@@ -160,183 +164,6 @@ def run_study(flat: dict, sweep: dict, runs_dir: Path, threads: int | None, env:
     out = json.loads(result.read_text())
     out["wall_s"] = wall
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# The baseline: the usual loop, one run at a time.
-
-
-def baseline_subset(runs: list, count: int) -> list:
-    """`count` runs spread over every loss and dataset (loss i mod 5, dataset i mod 4, seeds in turn)."""
-    by_key = {(r.config.loss.name, r.config.data.kind, r.config.seed): r for r in runs}
-    seeds = sorted({r.config.seed for r in runs})
-    return [by_key[(LOSSES[i % len(LOSSES)], DATASETS[i % len(DATASETS)], seeds[i % len(seeds)])]
-            for i in range(count)]
-
-
-def run_baseline(runs: list, count: int, out_dir: Path) -> dict:
-    """The usual loop (lab.usual_loop.run) on `count` of the runs, after one untimed warm-up run."""
-    from lab import config, data, usual_loop
-
-    subset = baseline_subset(runs, count)
-    warm = subset[0].config  # one untimed run first: SummaryWriter's imports and first calls are not charged
-    usual_loop.run(warm, data.make(warm.data.kind, seed=warm.seed, **config.data_params(warm.data)),
-                   out_dir / "warm-up")
-    results = []
-    for r in subset:
-        t0 = time.perf_counter()
-        ds = data.make(r.config.data.kind, seed=r.config.seed, **config.data_params(r.config.data))
-        res = usual_loop.run(r.config, ds, out_dir / r.name)
-        res["wall_s"] += time.perf_counter() - t0 - res["wall_s"]  # the dataset's draw counts too
-        res["name"] = r.name
-        results.append(res)
-    per_run = sum(x["wall_s"] for x in results) / len(results)
-    return {"runs": len(results), "per_run_s": per_run, "results": results}
-
-
-# Losses whose psi jumps (sign(e)): one point's residual changing sign moves a step by 2 lr |x_i| / n.
-_SIGN_LOSSES = ("mae", "quantile")
-
-
-def compare_params(baseline: dict, runs: list, runs_dir: Path) -> dict:
-    """Do the baseline's final parameters equal the lab's (the same runs)?
-
-    Both train in float32 and their gradients round differently in the last bits (explicit psi vs
-    autograd). For smooth losses that stays at rounding level: |diff| <= 1e-5 max(1, |theta|). For
-    sign-based losses a point whose residual is within rounding of 0 can take the other sign in one
-    of them, which moves that step by 2 lr |x_i| / n: |diff| <= 2 lr max|x| / n (2e-4 here).
-    """
-    by_name = {r.name: r.config for r in runs}
-    worst, worst_rel, same = 0.0, 0.0, True
-    for res in baseline["results"]:
-        cfg = by_name[res["name"]]
-        lab_params = json.loads((runs_dir / res["name"] / "summary.json").read_text())["params"]
-        for key, v in res["params"].items():
-            diff = abs(v - lab_params[key])
-            worst, worst_rel = max(worst, diff), max(worst_rel, diff / max(abs(v), 1.0))
-            if cfg.loss.name in _SIGN_LOSSES:
-                bound = 2 * cfg.optim.lr * max(abs(b) for b in cfg.data.x_range) / cfg.data.n
-            else:
-                bound = 1e-5 * max(abs(v), 1.0)
-            same = same and diff <= bound
-    return {"max_abs_diff": worst, "max_rel_diff": worst_rel, "same": same}
-
-
-# ---------------------------------------------------------------------------------------------------
-# A single run: population of one against the minimal hand-written loop.
-
-
-def single_runs(flat: dict, repeats: int = 3) -> dict:
-    """Per loss: best of `repeats` for the minimal loop and for the lab (logging off and default)."""
-    from lab import config, data, trainer, usual_loop
-
-    out = {}
-    for loss in LOSSES:
-        cfg = config.from_flat({**flat, "loss.name": loss, "data.kind": "outliers", "seed": 0})
-        off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=0))
-        ds = data.make(cfg.data.kind, seed=cfg.seed, **config.data_params(cfg.data))
-        trainer.train([cfg], [ds])  # warm-up: lazy imports, first-call allocations
-        times = {"minimal": [], "lab_off": [], "lab_logged": []}
-        for _ in range(repeats):
-            times["minimal"].append(usual_loop.minimal(cfg, ds)[0])
-            times["lab_off"].append(_timed(lambda c=off, d=ds: trainer.train([c], [d])))
-            times["lab_logged"].append(_timed(lambda c=cfg, d=ds: trainer.train([c], [d], on_log=lambda b: None)))
-        out[loss] = {k: min(v) for k, v in times.items()}
-    total = {k: sum(v[k] for v in out.values()) for k in ("minimal", "lab_off", "lab_logged")}
-    return {"per_loss": out, "ratio_off": total["lab_off"] / total["minimal"],
-            "ratio_logged": total["lab_logged"] / total["minimal"]}
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def compiled_population(flat: dict, sweep: dict) -> dict:
-    """The 200-run population trained eagerly and with torch.compile (in this process, no writing)."""
-    from lab import config, data, trainer
-
-    runs = study_runs(flat, sweep)
-    cfgs = [r.config for r in runs]
-    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
-    eager = _timed(lambda: trainer.train(cfgs, datasets, on_log=lambda b: None))
-    first = _timed(lambda: trainer.train(cfgs, datasets, on_log=lambda b: None, compile=True))
-    second = _timed(lambda: trainer.train(cfgs, datasets, on_log=lambda b: None, compile=True))
-    return {"eager_s": eager, "compiled_first_s": first, "compiled_s": second}
-
-
-def second_core(flat: dict, sweep: dict, pairs: int = 3) -> dict | None:
-    """How much slower the 200-run population trains (logging off, in this process) while another
-    process computes log rows on the second core, as a row worker busy at every step does
-    (lab.row_worker): what using the second core costs the first on this machine. Cores that share
-    nothing cost nothing; virtual cores that share one physical core, or a clock that drops when both
-    run, cost the training that much however the work is split. None without a second core or fork."""
-    import warnings
-
-    import torch
-
-    from lab import config, data, population, row_worker, trainer
-
-    if row_worker._cores() < 2 or not hasattr(os, "fork") or flat["device"] != "cpu":
-        return None
-    cfgs = [r.config for r in study_runs({**flat, "train.log_every": 0}, sweep)]
-    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data)) for c in cfgs]
-    by_loss = sorted(range(len(cfgs)), key=lambda i: cfgs[i].loss.name)  # the layout lab.trainer uses
-    pop, P, *_ = population.build([cfgs[i] for i in by_loss], [datasets[i] for i in by_loss],
-                                  torch.device("cpu"), torch.float32)
-    pop.terms(keep=True)  # a row step's e and psi, for the rows of the busy process
-
-    def train() -> float:
-        return _timed(lambda: trainer.train(cfgs, datasets))
-
-    train()  # warm-up
-    alone, beside, busy_cpu = [], [], []
-    for _ in range(pairs):
-        alone.append(train())
-        pid, parent = None, os.getpid()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # fork beside torch's threads: the child uses none
-                pid = os.fork()
-            if pid == 0:
-                _busy_rows(pop, P, parent)  # never returns
-            time.sleep(0.05)
-            beside.append(train())
-        finally:
-            if pid:  # (0 only in the child, which never gets here)
-                os.kill(pid, signal.SIGKILL)
-                _, status, usage = os.wait4(pid, 0)
-                if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
-                    raise RuntimeError(f"the busy process ended by itself (wait status {status}): 'beside' was alone")
-                busy_cpu.append(usage.ru_utime)
-    return {"alone_s": alone, "beside_s": beside, "busy_cpu_s": busy_cpu,
-            "slowdown": statistics.median(b / a for a, b in zip(alone, beside)) - 1}
-
-
-def _busy_rows(pop, P, parent: int) -> None:
-    """The busy process of `second_core`: log rows one after another, as a row worker busy at every step
-    (and set up as one: one thread, the inherited free heap given back), until killed, or until its parent
-    is gone (never a process left spinning)."""
-    import torch
-
-    from lab import log_row, row_worker
-
-    status = 1
-    try:
-        torch.set_num_threads(1)
-        row_worker._release_free_memory()
-        while os.getppid() == parent:
-            log_row.row_sums(pop, pop.row_e, pop.row_psi, P)
-        status = 0
-    except BaseException as exc:  # noqa: BLE001 (the parent sees the exit status and fails the measurement)
-        print(f"second core: busy process: {type(exc).__name__}: {exc}", file=sys.stderr)
-    finally:
-        os._exit(status)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Report
 
 
 def machine(device: str) -> dict:
@@ -484,9 +311,9 @@ def _measure(args, root: Path, save) -> dict:
     baseline = run_baseline(runs, max(args.baseline_runs, 10), root / "baseline")
     same = compare_params(baseline, runs, lab_dir)
     _say("single run: population of one against the minimal loop")
-    single = single_runs(flat)
+    single = single_runs(flat, LOSSES)
     _say("second core: training alone, and beside a process computing log rows")
-    core = second_core(flat, sweep)  # (None on a GPU or a single core)
+    core = second_core([r.config for r in study_runs({**flat, "train.log_every": 0}, sweep)])  # (None: GPU, 1 core)
     baseline_total = baseline["per_run_s"] * n_runs
     fig = {
         "device": args.device, "machine": machine(args.device), "runs": n_runs, "steps": args.steps,
@@ -537,7 +364,7 @@ def _measure(args, root: Path, save) -> dict:
         save(fig)
     if args.compile:
         _say("torch.compile: the population step compiled (in process)")
-        fig["compile"] = compiled_population(flat, sweep)
+        fig["compile"] = compiled_population([r.config for r in runs])
         fig["pending"].remove("compile")
         save(fig)
     return fig

@@ -321,33 +321,6 @@ def test_sweep_values_from_the_file_and_list_values_on_the_command_line(tiny, tm
     assert "loss.tau" not in rundir.read_summary(tmp_path / "tiny" / "outliers-mse-s0")["config"]
 
 
-@pytest.mark.parametrize("text,values", [
-    ("mse,mae", ["mse", "mae"]),
-    ("[32],[64,64]", ["[32]", "[64,64]"]),
-    ("[0.1,0.9]", ["[0.1,0.9]"]),
-    ('"a,b",c', ['"a,b"', "c"]),
-])
-def test_split_values_respects_brackets_and_quotes(text, values):
-    assert cli.split_values(text) == values
-
-
-def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    class FakeRun:
-        name, dir, summary = "clean-mse-s0", Path("runs/x/clean-mse-s0"), {"status": "completed"}
-
-    bar, lines = cli._Progress(2, Tty()), cli._Progress(2, io.StringIO())
-    for p in (bar, lines):
-        p.done(FakeRun())
-        p.done(FakeRun())
-        p.close()
-    assert bar.stream.getvalue().count("\r[") == 2 and bar.stream.getvalue().count("\n") == 1
-    assert lines.stream.getvalue().splitlines()[1].startswith("[2/2] runs/x/clean-mse-s0  completed")
-
-
 def test_config_command_lists_keys_and_resolves_a_file(capsys):
     rc, out, _ = run_in_process(capsys, "config")
     assert rc == 0 and all(f"  {k} " in out for k in config.keys())  # noqa: SIM118 — config.keys() is a function
@@ -445,18 +418,10 @@ def test_sweep_figures_are_written_atomically(tiny, tmp_path, capsys, monkeypatc
         ["outliers-mse-s0", "outliers-mae-s0"]
 
 
-def test_one_line_summary_formats_like_the_report():
-    s = {"status": "completed", "final": {"loss/train": 0.281234, "convergence/gap": float("nan")},
-         "params": {"slope": 2.0, "intercept": 123456.7}, "steps_to_converge": None}
-    assert cli.one_line_summary(s) == ("completed  loss=0.2812  gap=-  slope=2 intercept=1.235e+05  "
-                                       "steps_to_converge=-")
-
-
 def test_the_command_exits_with_mains_code_and_all_its_output():
     # `python -m lab` ends with os._exit (lab.cli.entry, no interpreter teardown): what main() printed
     # must still all arrive, through a pipe, with main()'s exit code (0 here, 2 for bad input).
     import contextlib
-    import io
 
     from lab import cli
 
