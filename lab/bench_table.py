@@ -46,7 +46,7 @@ def markdown(fig: dict) -> str:
     ]
     if fig.get("logging_added_s"):
         added = fig["logging_added_s"]
-        split_text = "; ".join(f"{label} +{added[name]['study']:.2f} s, of which +{added[name]['train']:.2f} s in training"
+        split_text = "; ".join(f"{label} {added[name]['study']:+.2f} s, of which {added[name]['train']:+.2f} s in training"
                           for name, label in (("default", "default"), ("every_step", "every step"),
                                               ("default_in_loop", "default, rows in the training process"),
                                               ("every_step_in_loop", "every step, rows in the training process"))

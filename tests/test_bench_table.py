@@ -36,3 +36,12 @@ def test_the_overheads_show_the_range_of_their_repeats():
     assert bench_table._spread({"logging_execute_s_all": runs}, "default") == "; repeats +10% to +20%"
     assert bench_table._spread({"logging_execute_s_all": {"off": [2.0], "default": [2.2]}}, "default") == ""
     assert bench_table._spread({}, "every_step") == ""  # figures saved before the repeats were kept
+
+
+def test_seconds_added_keep_their_sign():
+    # On the GPU the default cadence once measured 0.01 s less than logging off (noise): the table
+    # wrote "+-0.01 s".
+    fig = json.loads((ROOT / "experiments/bench/cpu.json").read_text())
+    fig["logging_added_s"]["default"] = {"study": -0.01, "train": 0.09}
+    table = bench_table.markdown(fig)
+    assert "default -0.01 s, of which +0.09 s in training" in table and "+-" not in table
