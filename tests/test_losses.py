@@ -662,3 +662,41 @@ def test_a_weight_must_be_a_real_tensor():
         L.MSELoss()(x, x, [1.0, 1.0, 1.0])
     with pytest.raises(TypeError, match="weight must be a real tensor, got torch.complex64"):
         L.HuberLoss()(x, x, torch.ones(3, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("name,params,limit", [
+    # psi at e = +inf: the limit of the closed form as e grows (-inf gives its negative). tukey: 0 beyond c;
+    # cauchy: scale / (u + 1/u) -> 0; pseudo-Huber: e / sqrt(1 + (e/d)^2) -> d; Barron's x/c^2 (1 +
+    # (x/c)^2/|a-2|)^(a/2-1) -> |a-2|^(1/2)/c = 1/c at a = 1, 0 for a < 1, inf for a in (1, 2]; Welsch 0.
+    ("tukey", {"c": 2.0}, 0.0), ("cauchy", {"scale": 0.5}, 0.0), ("pseudo_huber", {"delta": 2.0}, 2.0),
+    ("general", {"alpha": 1.0, "scale": 0.8}, 1.25), ("general", {"alpha": 0.5, "scale": 0.8}, 0.0),
+    ("general", {"alpha": 0.0, "scale": 0.8}, 0.0), ("general", {"alpha": -2.0, "scale": 0.8}, 0.0),
+    ("general", {"alpha": 1.5, "scale": 0.8}, math.inf), ("general", {"alpha": 2.0, "scale": 0.8}, math.inf),
+    ("general", {"alpha": -math.inf, "scale": 0.8}, 0.0),
+])
+def test_psi_at_an_infinite_residual_is_its_limit(name, params, limit):
+    # (It was NaN for tukey, pseudo-Huber and general: inf * 0 and inf / inf.)
+    psi = L.spec(name).psi(torch.tensor([math.inf, -math.inf]), torch.zeros(2), **params)
+    assert psi.tolist() == [limit, -limit]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0, -2.0, 1.5, -math.inf])
+@pytest.mark.parametrize("x", [3e19, -1e25, 1e38])
+def test_barrons_loss_past_the_float32_square_is_its_float64_value(alpha, x):
+    # |x/c| past ~1.8e19: (x/c)^2 overflows float32 while the loss (|u|^a-like for 0 < a < 2, 2 log|u| + log
+    # 1/2 at a = 0, the limit |a-2|/|a| for a < 0) and psi stay finite. Expected: the same formulas in
+    # float64, where nothing overflows; autograd's gradient equals psi, finite (no 0 * inf in an unselected
+    # branch). It was inf (a >= 0) and psi 0 at a = 1 (whose limit is sign(x)/c).
+    t = torch.tensor([x], requires_grad=True)
+    v = L.general(t, torch.zeros(1), alpha=alpha, scale=0.8)
+    (g,) = torch.autograd.grad(v.sum(), t)
+    psi = L.general_psi(t.detach(), torch.zeros(1), alpha=alpha, scale=0.8)
+    x64 = torch.tensor([x], dtype=torch.float64)
+    v64 = L.general(x64, torch.zeros(1, dtype=torch.float64), alpha=alpha, scale=0.8)
+    psi64 = L.general_psi(x64, torch.zeros(1, dtype=torch.float64), alpha=alpha, scale=0.8)
+    rtol = 1e-5 * max(1.0, abs(alpha - 1) * math.log(abs(x / 0.8)))  # exp of a large exponent: its rounding, amplified
+    if math.isfinite(v64.item()) and v64.item() < 3e38:
+        assert v.item() == pytest.approx(v64.item(), rel=rtol)
+    assert psi.item() == pytest.approx(psi64.item(), rel=rtol, abs=1e-44)
+    if torch.isfinite(v).all():  # (a = 1.5 at 1e38: the loss ~|u|^1.5 itself overflows, and its gradient)
+        assert torch.isfinite(g).all() and g.item() == pytest.approx(psi.item(), rel=rtol, abs=1e-44)

@@ -238,7 +238,9 @@ def pseudo_huber(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
 def pseudo_huber_psi(input: Tensor, target: Tensor, delta=1.0) -> Tensor:
     """``e / sqrt(1 + (e/delta)^2)``."""
     e, d = input - target, _param(delta, input)
-    return e / torch.hypot(torch.ones_like(e), e / d)  # (no (e/delta)^2 to overflow)
+    u = e / d
+    # (no (e/delta)^2 to overflow); where e/delta does (e = inf among others), the limit: delta sign(e)
+    return torch.where(torch.isinf(u), d * torch.sign(u), e / torch.hypot(torch.ones_like(e), u))
 
 
 @_float32_for_half
@@ -298,7 +300,9 @@ def tukey(input: Tensor, target: Tensor, c=4.685) -> Tensor:
 def tukey_psi(input: Tensor, target: Tensor, c=4.685) -> Tensor:
     """``e (1 - (e/c)^2)^2 if |e| <= c else 0``."""
     e, k = input - target, _param(c, input)
-    return e * (1 - (e / k).clamp(-1.0, 1.0).square()).square()
+    # clamped first, so that beyond c it is (+-c) * 0, not e * 0 (NaN at e = +-inf); the same bits within c
+    m = torch.clamp(e, min=-k, max=k) if isinstance(k, Tensor) else e.clamp(-k, k)
+    return m * (1 - (m / k).square()).square()
 
 
 @_float32_for_half
@@ -313,7 +317,14 @@ def general(input: Tensor, target: Tensor, alpha=1.0, scale=1.0) -> Tensor:
     """
     x = input - target
     a, c = _tensor(alpha, x), _param(scale, x)
-    z = (x / c).square()
+    u = x / c
+    z = u.square()
+    # Where (x/c)^2 overflows (|x/c| past ~1.8e19 in float32, or x = +-inf), the same terms from log|x/c|:
+    # log1p(z/b) = 2 log|u| - log b + log1p(b/z), the last 0 there (`far`). Finite |u| gives finite losses
+    # for a < 2 (a = 0: 2 log|u| + log 1/2; a < 0: the limit |a-2|/|a|).
+    far = torch.isinf(z)
+    log_u = torch.where(far, u, 1.0).abs().log()
+    z = torch.where(far, 1.0, z)
     # Each where-branch must stay finite, with a finite gradient, where it is not selected (0 * inf = NaN).
     # The regular branch therefore sees a harmless a = 1 at the singular alphas, and |a|, |a - 2| >= eps.
     eps = torch.finfo(x.dtype).eps
@@ -321,11 +332,14 @@ def general(input: Tensor, target: Tensor, alpha=1.0, scale=1.0) -> Tensor:
     a_ = torch.copysign(a_.abs().clamp_min(eps), a_)
     b = (a_ - 2).abs().clamp_min(eps)
     # expm1(a/2 log1p(z/b)) == (z/b + 1)^(a/2) - 1, without the cancellation of pow(...) - 1 near a = 0.
-    regular = b / a_ * torch.expm1(0.5 * a_ * torch.log1p(z / b))
+    log1p_zb = torch.where(far, 2 * log_u - torch.log(b), torch.log1p(z / b))
+    regular = b / a_ * torch.expm1(0.5 * a_ * log1p_zb)
+    cauchy_like = torch.where(far, 2 * log_u + math.log(0.5), torch.log1p(0.5 * z))
     return torch.where(
         a == 2,
-        0.5 * z,
-        torch.where(a == 0, torch.log1p(0.5 * z), torch.where(a == -math.inf, -torch.expm1(-0.5 * z), regular)),
+        torch.where(far, math.inf, 0.5 * z),  # (0.5 (x/c)^2: past the dtype's range there)
+        torch.where(a == 0, cauchy_like, torch.where(a == -math.inf, torch.where(far, 1.0, -torch.expm1(-0.5 * z)),
+                                                     regular)),
     )
 
 
@@ -334,12 +348,20 @@ def general_psi(input: Tensor, target: Tensor, alpha=1.0, scale=1.0) -> Tensor:
     """``x / c^2 * ((x/c)^2 / |a-2| + 1)^(a/2 - 1)``; the factor is 1 at a = 2 and exp(-(x/c)^2 / 2) at -inf."""
     x = input - target
     a, c = _tensor(alpha, x), _param(scale, x)
-    z = (x / c).square()
+    u = x / c
+    z = u.square()
     a_ = torch.where((a == 2) | (a == -math.inf), 1.0, a)  # as in general(): finite where unselected
     b = (a_ - 2).abs().clamp_min(torch.finfo(x.dtype).eps)
-    regular = torch.exp((0.5 * a_ - 1) * torch.log1p(z / b))
+    p = 0.5 * a_ - 1
+    regular = torch.exp(p * torch.log1p(z / b))
     factor = torch.where(a == 2, 1.0, torch.where(a == -math.inf, torch.exp(-0.5 * z), regular))
-    return x / (c * c) * factor
+    near = x / (c * c) * factor
+    # Where (x/c)^2 overflows (or x = +-inf): x/c^2 (z/b)^p = sign(u)/c exp((a - 1) log|u| - p log b), log|u|
+    # capped so that x = +-inf gives the limits (0 for a < 1, sign/c at a = 1, inf beyond; 0 at a = -inf).
+    log_u = torch.where(torch.isinf(z), u, 1.0).abs().log().clamp(max=1e5)
+    far = torch.sign(u) / c * torch.exp((a_ - 1) * log_u - p * torch.log(b))
+    far = torch.where(a == 2, u / c, torch.where(a == -math.inf, 0.0, far))
+    return torch.where(torch.isinf(z), far, near)
 
 
 # ---------------------------------------------------------------------------------------------------------
