@@ -180,14 +180,18 @@ def _busy_rows(pop, P, parent: int) -> None:
     is gone (never a process left spinning)."""
     import torch
 
-    from lab import log_row, row_worker
+    from lab import row_worker
 
     status = 1
     try:
         torch.set_num_threads(1)
         row_worker._release_free_memory()
+        # what a worker derives (Rows.__init__): a line model's e from P, the cheap losses' psi from e
+        pop.e_derived = pop.model.kind in ("linear", "constant")
+        pop.psi_derived = any(blk.cheap_psi for blk in pop.blocks)
+        e_rows, psi_rows = torch.empty_like(pop.row_e), torch.empty_like(pop.row_psi)
         while os.getppid() == parent:
-            log_row.row_sums(pop, pop.row_e, pop.row_psi, P)
+            row_worker._compute(pop, pop.row_e, pop.row_psi, P, False, None, psi_rows, e_rows)
         status = 0
     except BaseException as exc:  # noqa: BLE001 (the parent sees the exit status and fails the measurement)
         print(f"second core: busy process: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -11,8 +11,6 @@ import argparse
 import os
 import sys
 
-from lab import cli_train
-
 DESCRIPTION = """\
 A training-behaviour lab for regression losses: MSE, MAE, Huber, log-cosh, quantile and the robust
 family, trained for real on synthetic data whose truth is known, and measured (convergence to the
@@ -153,7 +151,8 @@ def _fail(message: str) -> int:
 
 
 def _dispatch(args) -> int:
-    from lab.config import ConfigError  # imported here: `lab --help` stays fast without torch
+    from lab import cli_train  # imported here, as the rest: `lab --help` stays fast (no config, no torch)
+    from lab.config import ConfigError
 
     try:
         if args.command == "losses":
@@ -187,6 +186,8 @@ def _config(args) -> int:
               "device, dtype; '-' means the loss's or data kind's own default):\n" + config.describe())
         return 0
     import tomli_w
+
+    from lab import cli_train
 
     cli_train.refuse_claim_study(args.config)
     cfg, sweep = config.load(args.config, args.overrides)

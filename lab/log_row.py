@@ -79,7 +79,8 @@ def row_sums(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor) -> torch.
     """The part of a log row that reads the step's [N, n] tensors, reduced to [row_sums_size(pop), N].
 
     e, psi [N, n, k]: a row step's full-batch residuals e = pred - target and psi, in training units
-    (the population's row buffers, `Population.terms(keep=True)`); P [N, P] the parameters at that step.
+    (the population's row buffers, `Population.terms(keep=True)`, or what a row worker recomputed of
+    them: lab.row_worker._compute); P [N, P] the parameters at that step.
     It reads nothing else that changes during training, so it may run anywhere the population's data is:
     in the training loop, or in lab.row_worker's process on another core, on buffers the step wrote.
     """

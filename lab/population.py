@@ -145,8 +145,8 @@ class Population:
         x, y3: a minibatch [N, b, 1] (None: the full training set). Returns (mean loss m [N] in
         training units, dm/dtheta [N, P] times b * k, and per block its residuals e = pred - target
         and psi [B, b, k]). keep (full batch only): the residuals and psi go to `row_e` and `row_psi`,
-        and the returned ones are views of them (but for the psi of `cheap_psi` blocks when `psi_derived`:
-        a temporary, and `row_psi` is not written there).
+        and the returned ones are views of them (but where a row worker derives them, `e_derived` and
+        `psi_derived` for the `cheap_psi` blocks: temporaries, and the buffers are not written there).
         """
         values, weight_grads, bias_grads, flats, resids, psis = [], [], [], [], [], []
         if keep and x is not None:

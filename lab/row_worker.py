@@ -6,8 +6,8 @@ population trains with one intra-op thread (lab.trainer), so with `log_every = 1
 the training time while a second core sits idle. `Rows` moves them there:
 
 - The row buffers are a small ring of slots in shared memory: a row step writes its e and psi straight
-  into the current slot (`Population.terms(keep=True)`, the writes it does anyway), the loop copies the
-  parameters in, sends (slot, row index) down a pipe, and takes the next slot no unanswered row holds.
+  into the current slot (`Population.terms(keep=True)`, the writes it does anyway), but for what the
+  worker derives more cheaply than the step writes it (below); the loop copies the parameters in, sends (slot, row index) down a pipe, and takes the next slot no unanswered row holds.
   Where psi is a few ops of e (mse, rmse, mae, huber, quantile, expectile: `Population.psi_derived`),
   the step writes none: a cold write of psi cost the step more than deriving it costs the worker. A
   line model's step writes no e either (`Population.e_derived`): the worker recomputes it from the
@@ -21,7 +21,7 @@ the training time while a second core sits idle. `Rows` moves them there:
   same code on the same data, as the rows computed in the loop (tests/test_row_worker.py).
 
 What it costs: one core's worth of the rows' work, moved, not saved; the fork (~10 ms); the worker's
-private memory (15 MB for 200 runs, 250 MB for 10,000, measured by scripts/bench: mostly old copies of
+private memory (15-25 MB for 200 runs, 250-330 MB for 10,000, measured by scripts/bench: mostly old copies of
 pages the training process wrote after the fork); and in the training process one page fault for each
 page it writes first after the fork (copy on write): 20,000-70,000 for the 200-run study, up to 0.3 s of
 system time on the 2-core machine (measured with getrusage; it varies from run to run).
@@ -90,8 +90,8 @@ class Rows:
     """Where a population's log rows get their sums: in the loop (`worker=False`) or in a forked worker.
 
     The loop calls `submit(raw, P, step, histograms, chain)` at each row step, after the step wrote its e
-    and psi into `pop.row_e`, `pop.row_psi` (with a worker, only the psi it does not derive:
-    `Population.psi_derived`), `collect()` at a flush, which returns the rows with their sums (raw.sums)
+    and psi into `pop.row_e`, `pop.row_psi` (with a worker, only what it does not derive: no e for a line
+    model, `Population.e_derived`, no psi of the cheap losses, `Population.psi_derived`), `collect()` at a flush, which returns the rows with their sums (raw.sums)
     and, where asked for, their histograms (raw.histograms: log_row.row_histograms, ~3 ms for 200 runs,
     also off the training core) and their steps, and `clear()` once they are logged; `close()` at the
     end. At most `capacity` rows wait between clears.

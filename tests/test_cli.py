@@ -545,3 +545,14 @@ def test_sweep_on_cuda_logs_what_the_same_sweep_logs_on_cpu(tiny, tmp_path, caps
                                   tmp_path / "one")
     assert rc == 0, err
     assert {p.name for p in (Path(out.splitlines()[0]) / "figures").glob("*.png")} == {"fit.png", "residuals.png"}
+
+
+def test_help_imports_neither_torch_nor_the_config_machinery():
+    # `lab --help` and a mistyped command answer at once: the commands' modules (lab.cli_train, lab.config,
+    # torch) are imported only when a command runs. Checked in a fresh interpreter, where nothing is
+    # imported yet (this process has imported everything).
+    code = ("import sys, contextlib, io\nfrom lab import cli\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            "    code = cli.main([])  # no command: the help\n"
+            "print(code, sorted(m for m in sys.modules if m.startswith(('lab', 'torch', 'numpy'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "0 ['lab', 'lab.cli']"
