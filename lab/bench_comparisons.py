@@ -186,9 +186,7 @@ def _busy_rows(pop, P, parent: int) -> None:
     try:
         torch.set_num_threads(1)
         row_worker._release_free_memory()
-        # what a worker derives (Rows.__init__): a line model's e from P, the cheap losses' psi from e
-        pop.e_derived = pop.model.kind in ("linear", "constant")
-        pop.psi_derived = any(blk.cheap_psi for blk in pop.blocks)
+        row_worker.derive_in_reader(pop)  # what a worker derives: a line's e from P, the cheap losses' psi
         e_rows, psi_rows = torch.empty_like(pop.row_e), torch.empty_like(pop.row_psi)
         while os.getppid() == parent:
             row_worker._compute(pop, pop.row_e, pop.row_psi, P, False, None, psi_rows, e_rows)

@@ -128,14 +128,7 @@ class Rows:
         self.slots, self.batch = slots, max(1, slots // 2)
         self.slot = 0  # where the next row step writes
         pop.row_e, pop.row_psi = self.e[0], self.psi[0]
-        # The steps leave out the psi that the worker derives from e (log_row.row_psi), except a compiled
-        # step's, whose rounding the eager derivation need not repeat (and where no block has a cheap psi,
-        # there is nothing to derive: psi stays whole, with no copy per row).
-        pop.psi_derived = not pop.compiled and any(blk.cheap_psi for blk in pop.blocks)
-        # A line model's step writes no e either: the worker recomputes it from the row's parameters into
-        # its own memory (Population.e_derived; 2-3 ops, ~0.1 ms for 200 runs), where the step's cold
-        # writes to the slots cost it more (every-step study, 200 runs: ~0.3 s of its ~2.7 s).
-        pop.e_derived = not pop.compiled and pop.model.kind in ("linear", "constant")
+        derive_in_reader(pop)  # the steps leave out what the worker derives
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         try:
@@ -285,6 +278,17 @@ class Rows:
                 raw.sums, raw.histograms = _compute(self.pop, self.e[slot], self.psi[slot], self.P[slot],
                                                     histograms, chain)
         self.slot_rows.clear()
+
+
+def derive_in_reader(pop) -> None:
+    """Set what a row's reader, not the step, computes: the psi of the cheap losses (Population.psi_derived)
+    and a line model's e (Population.e_derived), both from the step's own functions (the same bits). Not
+    for a compiled step, whose rounding the eager derivation need not repeat."""
+    # (where no block has a cheap psi, there is nothing to derive: psi stays whole, with no copy per row)
+    pop.psi_derived = not pop.compiled and any(blk.cheap_psi for blk in pop.blocks)
+    # A line's e: 2-3 ops in the worker (~0.1 ms for 200 runs) against the step's cold writes to the slots
+    # (every-step study, 200 runs: ~0.3 s of its ~2.7 s, measured in process).
+    pop.e_derived = not pop.compiled and pop.model.kind in ("linear", "constant")
 
 
 def _compute(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor, histograms: bool, chain: torch.Tensor | None,

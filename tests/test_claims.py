@@ -196,6 +196,20 @@ def _ctrl_c():
     os.kill(os.getpid(), signal.SIGINT)
 
 
+def _ctrl_c_while_writing(monkeypatch, name: str) -> None:
+    """A Ctrl-C each time a file called `name` is about to be written (then it is written)."""
+    from lab import rundir
+
+    real = rundir.write_atomic
+
+    def ctrl_c_then_write(path, payload):
+        if Path(path).name == name:
+            _ctrl_c()
+        real(path, payload)
+
+    monkeypatch.setattr(rundir, "write_atomic", ctrl_c_then_write)
+
+
 def test_ctrl_c_while_measuring_still_writes_the_report(loss_only, tmp_path, monkeypatch, capsys):
     # A Ctrl-C after training used to leave no report.md, table.md or claims.json, and a bare "interrupted".
     # Here it lands in claim 4's measurement, and a second one while report.md is written is ignored.
@@ -204,16 +218,7 @@ def test_ctrl_c_while_measuring_still_writes_the_report(loss_only, tmp_path, mon
         raise AssertionError("the Ctrl-C did not stop the measurement")
 
     monkeypatch.setitem(cm.MEASURES, "gradient_flow", dataclasses.replace(cm.MEASURES["gradient_flow"], fn=interrupted))
-    from lab import rundir
-
-    real = rundir.write_atomic
-
-    def second_ctrl_c(path, payload):
-        if Path(path).name == "report.md":
-            _ctrl_c()
-        real(path, payload)
-
-    monkeypatch.setattr(rundir, "write_atomic", second_ctrl_c)
+    _ctrl_c_while_writing(monkeypatch, "report.md")
     out = tmp_path / "out"
     assert cli.main(["claims", "--out", str(out)]) == 130
     printed = capsys.readouterr()
@@ -234,16 +239,7 @@ def test_ctrl_c_while_the_report_is_written_is_not_lost(loss_only, tmp_path, mon
     # Every claim measured and drawn; the only Ctrl-C lands while report.md is written. The files are
     # finished (they say what was measured), and the exit code and one line say the Ctrl-C came: it used
     # to be swallowed (exit 0).
-    from lab import rundir
-
-    real = rundir.write_atomic
-
-    def ctrl_c_in_report(path, payload):
-        if Path(path).name == "report.md":
-            _ctrl_c()
-        real(path, payload)
-
-    monkeypatch.setattr(rundir, "write_atomic", ctrl_c_in_report)
+    _ctrl_c_while_writing(monkeypatch, "report.md")
     out = tmp_path / "out"
     assert cli.main(["claims", "--out", str(out)]) == 130
     assert capsys.readouterr().err == f"interrupted after the report was written; report: {out / 'report.md'}\n"
