@@ -20,7 +20,34 @@ from __future__ import annotations
 
 import torch
 
-from lab.metrics import param_amplitude, relative_amplitude, reversal_counts
+from lab.metrics import amplitude_ratio, param_amplitude, relative_amplitude, reversal_counts
+
+# Where a flush's windows together hold more than this many times the steps they span (rows close together,
+# as with a row every step), they come from `_sliding` (~log2(window) ops over the span) instead of one
+# gather of every window (rows x window values).
+_DENSE = 4
+
+
+def _sliding(values: torch.Tensor, width: int, op) -> torch.Tensor:
+    """op (torch.maximum, torch.minimum or torch.add) over every `width` consecutive rows of values [L, ...]:
+    [L - width + 1, ...], row j for rows j .. j + width - 1.
+
+    By doubling: level k holds op over 2^k consecutive rows (one op on the level below), and a window is
+    op of the levels of width's binary digits side by side: about log2(width) + popcount(width) ops of
+    [L, ...] each, against one of [rows, ..., width] for a gather of the windows. Max and min come out
+    exact; a sum is summed in another order than torch.sum's (a few roundings apart)."""
+    count = values.shape[0] - width + 1
+    result, level, size, offset, rest = None, values, 1, 0, width
+    while True:
+        if rest & 1:
+            piece = level[offset:offset + count]
+            result = piece if result is None else op(result, piece)
+            offset += size
+        rest >>= 1
+        if not rest:
+            return result
+        level = op(level[:-size], level[size:])
+        size *= 2
 
 
 class History:
@@ -115,6 +142,13 @@ class History:
             out.append(reduce(values[:s + 1 - first].movedim(0, -1), dim=-1))
         if full:
             starts = torch.tensor([s - W + 1 - first for s in full], device=values.device)
-            out.append(reduce(values.unfold(0, W, 1)[starts], dim=-1))  # [S', N, ..., W]
+            if len(full) * W > _DENSE * values.shape[0]:  # rows close together: windows by doubling
+                high, low = (_sliding(values, W, op)[starts] for op in (torch.maximum, torch.minimum))
+                if reduce is relative_amplitude:
+                    out.append(amplitude_ratio(high, low, _sliding(values, W, torch.add)[starts] / W))
+                else:  # param_amplitude
+                    out.append((high - low).amax(-1))
+            else:
+                out.append(reduce(values.unfold(0, W, 1)[starts], dim=-1))  # [S', N, ..., W]
         return torch.cat([o.reshape(-1, values.shape[1]) for o in out])
 

@@ -82,7 +82,12 @@ def reversal_counts(history: torch.Tensor) -> torch.Tensor:
 
 def relative_amplitude(window: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """(max - min) / |mean| over the rows of a [rows, runs] history (the loss amplitude); dim: the rows' dim."""
-    return (window.amax(dim) - window.amin(dim)) / window.mean(dim).abs().clamp_min(1e-12)
+    return amplitude_ratio(window.amax(dim), window.amin(dim), window.mean(dim))
+
+
+def amplitude_ratio(high: torch.Tensor, low: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(high - low) / |mean|, |mean| kept >= 1e-12: `relative_amplitude` from a window's max, min and mean."""
+    return (high - low) / mean.abs().clamp_min(1e-12)
 
 
 def param_amplitude(window: torch.Tensor, dim: int = 0) -> torch.Tensor:
