@@ -101,3 +101,17 @@ def test_a_ring_smaller_than_a_flush_changes_no_logged_number(monkeypatch):
 def test_too_small_a_ring_is_refused():
     with pytest.raises(ValueError, match="window \\+ 2"):
         History(1, 1, 10, 11, True, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 7, 8, 50, 64, 130])
+def test_sliding_windows_by_doubling_equal_the_windows_themselves(width):
+    # history._sliding over [130, runs, P] against each window reduced directly (unfold): max and min
+    # exact, the sum to rounding (another order of additions). Widths: 1, powers of 2, odd, the default 50,
+    # the whole length.
+    from lab.history import _sliding
+
+    values = torch.randn(130, 3, 2, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    windows = values.unfold(0, width, 1)  # [130 - width + 1, 3, 2, width]
+    assert torch.equal(_sliding(values, width, torch.maximum), windows.amax(-1))
+    assert torch.equal(_sliding(values, width, torch.minimum), windows.amin(-1))
+    torch.testing.assert_close(_sliding(values, width, torch.add), windows.sum(-1), rtol=1e-13, atol=1e-13)
