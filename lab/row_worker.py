@@ -21,8 +21,8 @@ the training time while a second core sits idle. `Rows` moves them there:
   same code on the same data, as the rows computed in the loop (tests/test_row_worker.py).
 
 What it costs: one core's worth of the rows' work, moved, not saved; the fork (~10 ms); the worker's
-private memory (15-25 MB for 200 runs, 250-330 MB for 10,000, measured by scripts/bench: mostly old copies of
-pages the training process wrote after the fork); and in the training process one page fault for each
+private memory (15-25 MB for 200 runs, 250-650 MB for 10,000, measured by scripts/bench: mostly old copies of
+pages the training process wrote after the fork, so it moves with where that process's heap reuse falls); and in the training process one page fault for each
 page it writes first after the fork (copy on write): 20,000-70,000 for the 200-run study, up to 0.3 s of
 system time on the 2-core machine (measured with getrusage; it varies from run to run).
 
