@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lab.metrics import amplitude_ratio, param_amplitude, relative_amplitude, reversal_counts
+from lab.metrics import amplitude_ratio, reversal_counts
 
 # Where a flush's windows together hold more than this many times the steps they span (rows close together,
 # as with a row every step), they come from `_sliding` (~log2(window) ops over the span) instead of one
@@ -48,6 +48,11 @@ def _sliding(values: torch.Tensor, width: int, op) -> torch.Tensor:
             return result
         level = op(level[:-size], level[size:])
         size *= 2
+
+
+def _largest_range(high: torch.Tensor, low: torch.Tensor, _mean=None) -> torch.Tensor:
+    """metrics.param_amplitude from a window's max and min [S, N, P]: the largest max - min of any parameter."""
+    return (high - low).amax(-1)
 
 
 class History:
@@ -109,11 +114,12 @@ class History:
             per_step, t0, n_params = self._consecutive(self.flips, first, last), first, 1  # row i = step first + i
         flip = self._window_sums(per_step, t0, row_steps)
         flip = flip / per_step.new_tensor([max(min(s, W), 1) * n_params for s in row_steps])[:, None]
-        loss_amplitude = self._windows(loss, first, row_steps, relative_amplitude)
+        # metrics.relative_amplitude and metrics.param_amplitude, from each window's max, min (and mean)
+        loss_amplitude = self._windows(loss, first, row_steps, amplitude_ratio, mean=True)
         if params is None:
             amplitude = torch.full_like(loss_amplitude, float("nan"))
         else:
-            amplitude = self._windows(params, first, row_steps, param_amplitude)
+            amplitude = self._windows(params, first, row_steps, _largest_range, mean=False)
         return torch.stack([flip, loss_amplitude, amplitude])
 
     def _window_sums(self, per_step: torch.Tensor, t0: int, row_steps: list[int]) -> torch.Tensor:
@@ -130,25 +136,26 @@ class History:
         hi_idx = torch.tensor(hi, device=per_step.device).clamp_(0, prefix.shape[0] - 1)
         return (prefix[hi_idx] - prefix[lo_idx]).to(per_step.dtype)
 
-    def _windows(self, values: torch.Tensor, first: int, row_steps: list[int], reduce) -> torch.Tensor:
-        """reduce(window [N, ..., w], dim=-1) over each row's last `window` steps (fewer before step window - 1): [S, N].
+    def _windows(self, values: torch.Tensor, first: int, row_steps: list[int], combine, mean: bool) -> torch.Tensor:
+        """combine(max, min, mean or None) of each row's last `window` steps (fewer before step window - 1): [S, N].
 
-        values [L, N, ...] holds steps first .. first + L - 1. Rows with a full window are gathered as one
-        [S, N, ..., W] tensor from the windows view (no copy of the overlapping windows before the gather)."""
+        values [L, N, ...] holds steps first .. first + L - 1; combine reduces the window's max and min
+        [S', N, ...] (and its mean where `mean`) to [S', N]. Rows with a full window: where they lie close
+        together, max, min and sum by doubling (`_sliding`); else gathered as one [S', N, ..., W] tensor
+        from the windows view (no copy of the overlapping windows before the gather)."""
         W, out = self.window, []
         full = [s for s in row_steps if s + 1 >= W]
         early = [s for s in row_steps if s + 1 < W]  # only the first flush has these: a loop is fine
         for s in early:
-            out.append(reduce(values[:s + 1 - first].movedim(0, -1), dim=-1))
+            window = values[:s + 1 - first].movedim(0, -1)
+            out.append(combine(window.amax(-1), window.amin(-1), window.mean(-1) if mean else None))
         if full:
             starts = torch.tensor([s - W + 1 - first for s in full], device=values.device)
             if len(full) * W > _DENSE * values.shape[0]:  # rows close together: windows by doubling
                 high, low = (_sliding(values, W, op)[starts] for op in (torch.maximum, torch.minimum))
-                if reduce is relative_amplitude:
-                    out.append(amplitude_ratio(high, low, _sliding(values, W, torch.add)[starts] / W))
-                else:  # param_amplitude
-                    out.append((high - low).amax(-1))
+                out.append(combine(high, low, _sliding(values, W, torch.add)[starts] / W if mean else None))
             else:
-                out.append(reduce(values.unfold(0, W, 1)[starts], dim=-1))  # [S', N, ..., W]
+                windows = values.unfold(0, W, 1)[starts]  # [S', N, ..., W]
+                out.append(combine(windows.amax(-1), windows.amin(-1), windows.mean(-1) if mean else None))
         return torch.cat([o.reshape(-1, values.shape[1]) for o in out])
 
