@@ -47,13 +47,13 @@ import select
 import signal
 import struct
 import sys
-import threading
 import time
 import warnings
 
 import torch
 
 from lab import log_row
+from lab.signal_gate import SignalGate
 
 # Populations with fewer [run, point] values than this compute their rows in the loop: a row of a
 # single run of 1000 points is ~0.15 ms of op overhead, less than the messages and the slot copy cost
@@ -99,17 +99,20 @@ class Rows:
     A row counts as submitted once `submit` has registered it, in one list append: a Ctrl-C (a
     KeyboardInterrupt anywhere in the loop) before that leaves no trace of it, after it the row is
     collected like any other. The bookkeeping of requests and answers runs with SIGINT and SIGTERM held
-    back (`_Gate`), so that an interrupt never splits a message from the record of it.
+    back (lab.signal_gate), so that an interrupt never splits a message from the record of it.
     """
 
-    def __init__(self, pop, P: torch.Tensor, capacity: int, worker: bool):
+    def __init__(self, pop, P: torch.Tensor, capacity: int, worker: bool, gate: SignalGate | None = None):
+        """gate: the caller's SignalGate (lab.trainer holds its updates with the same one); without one,
+        the rows install their own where a worker runs, and `close` removes it."""
         self.pop, self.capacity = pop, capacity
+        self.own_gate = gate is None
         # (row, step, slot, histograms wanted, rmse chain [N] or None) since the last collect
         self.rows: list[tuple[log_row.RawRow, int, int | None, bool, torch.Tensor | None]] = []
         self.sent = 0  # rows[:sent] were sent to the worker
         self.done: set[int] = set()  # rows (indices into self.rows) the worker has answered
         self.slot_rows: dict[int, int] = {}  # slot -> the unanswered row that holds it
-        self.pid, self.gate = None, _Gate(install=worker)
+        self.pid, self.gate = None, SignalGate(install=worker) if gate is None else gate
         if not worker:
             return
         if P.device.type != "cpu":
@@ -144,7 +147,7 @@ class Rows:
             pop.psi_derived = pop.e_derived = False
             for fd in (requests_r, self.requests, self.replies, replies_w):
                 os.close(fd)
-            self.gate.restore()
+            self._restore_gate()
             print(f"lab: no log-row worker ({exc}); computing log rows in the training process", file=sys.stderr)
             return
         os.close(requests_r)
@@ -210,7 +213,7 @@ class Rows:
 
     def close(self) -> None:
         """End the worker (it exits when its pipe of requests closes), reap it, and give the signals back."""
-        self.gate.restore()
+        self._restore_gate()
         self.pop.psi_derived = self.pop.e_derived = False  # (rows after this, in the loop, keep e and psi again)
         if self.pid is None:
             return
@@ -224,6 +227,10 @@ class Rows:
                 break
             time.sleep(0.001)
         os.close(self.replies)
+
+    def _restore_gate(self) -> None:
+        if self.own_gate:
+            self.gate.restore()
 
     def _free(self) -> list[int]:
         """Slots no unanswered row holds."""
@@ -302,62 +309,6 @@ def _compute(pop, e: torch.Tensor, psi: torch.Tensor, P: torch.Tensor, histogram
     return log_row.row_sums(pop, e, psi, P), log_row.row_histograms(pop, e, psi, chain) if histograms else None
 
 
-class _Gate:
-    """Holds SIGINT and SIGTERM back while the loop's bookkeeping with the worker runs, then passes them on.
-
-    Blocking the signals (pthread_sigmask) is not enough: a mask is per thread, the kernel hands a
-    process's signal to any thread that does not block it (PyTorch's intra-op pool has threads), and
-    Python then raises KeyboardInterrupt in the main thread at its next bytecode, inside the bookkeeping
-    all the same (seen as answers lost in the full test suite). A Python handler always runs in the main
-    thread: while `held`, this one notes the signal, and passes it to the handler it replaced when the
-    block ends; otherwise it passes signals straight on. Installed from the main thread only (elsewhere
-    no signal can interrupt the loop), and only with a worker (a row in the loop has no bookkeeping
-    to split); `restore` puts the replaced handlers back.
-    """
-
-    def __init__(self, install: bool = True):
-        self.depth, self.caught, self.previous = 0, [], {}
-        if install and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.depth:
-            self.caught.append(signum)
-        else:
-            self._pass_on(signum, frame)
-
-    def _pass_on(self, signum, frame) -> None:
-        handler = self.previous.get(signum, signal.SIG_DFL)
-        if callable(handler):
-            handler(signum, frame)  # Python's default for SIGINT raises KeyboardInterrupt; lab.study's stops
-        elif handler != signal.SIG_IGN:  # SIG_DFL, or None (set outside Python): the default action
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-
-    def held(self):
-        """`with gate.held():` holds the signals back for the block (nested blocks: until the outermost ends).
-        The gate is its own context manager: entered at every row, a generator-based one cost more."""
-        return self
-
-    def __enter__(self):
-        self.depth += 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.depth -= 1
-        if not self.depth and self.caught:
-            signum = self.caught[-1]
-            self.caught.clear()
-            self._pass_on(signum, None)
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            if signal.getsignal(signum) == self._on_signal:  # (unless someone replaced it since)
-                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        self.previous = {}
-
-
 def _shared(shape, dtype: torch.dtype) -> torch.Tensor:
     """A tensor in anonymous shared memory (mmap MAP_SHARED): after a fork, what one process writes the
     other reads. Not torch's share_memory_(), which maps files of /dev/shm, a mount that containers
@@ -385,7 +336,7 @@ def _release_free_memory() -> None:
 def _serve(pop, e, psi, P, out, hist, chain, requests: int, replies: int, parent_ends: tuple[int, int]) -> None:
     """The worker's loop: a slot and a row index in, the row's sums into `out` (and where asked for, its
     histograms into the slot's `hist`), the index back, until the pipe of requests closes. Entered with
-    SIGINT and SIGTERM held back (the parent's _Gate); never returns."""
+    SIGINT and SIGTERM held back (the parent's SignalGate); never returns."""
     status = 1
     try:
         for fd in parent_ends:

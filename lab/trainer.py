@@ -46,6 +46,7 @@ from lab.data import Dataset
 from lab.history import History
 from lab.optim import Hyper, Optimizer, clip_by_norm, lr_table
 from lab.population import init_seed
+from lab.signal_gate import SignalGate
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")
 # Parameter histories (flip rate, parameter amplitude) are kept for models this small; bigger models
@@ -229,7 +230,14 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
 
     if worker is None:
         worker = row_worker.worker_pays(device, pop.y3.shape[0] * n * pop.k, len(row_steps))
-    log_rows = row_worker.Rows(pop, P, flush_every, worker=worker)
+    # A signal that lands inside an update waits for its end (see the update below); the row worker's
+    # bookkeeping holds signals with the same gate.
+    gate = SignalGate()
+    try:
+        log_rows = row_worker.Rows(pop, P, flush_every, worker=worker, gate=gate)
+    except BaseException:
+        gate.restore()
+        raise
 
     def flush():
         raws, logged_steps = log_rows.collect()  # the rows since the last flush, with their sums
@@ -290,26 +298,32 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
             # -- update, then stop runs that left the finite numbers (their parameters stay frozen)
             lr = lr_fixed if constant_lr else lr_tab[step, lr_col][:, None]  # [N, 1]
             new_P = P - lr * grads if plain_sgd else opt.step(P, grads, lr)
-            # A run leaves the finite numbers when its loss or new parameters do (a non-finite gradient
-            # makes new_P non-finite too). s - s == 0 exactly when s is finite: 4 ops where
-            # isfinite(loss) & isfinite(new_P).all(1) takes 12 (a sum overflows only past ~1e38 in float32).
-            total = new_P.sum(1) + loss
-            active &= (total - total) == 0
-            alive += active
-            if not track_params:  # the share of parameters whose update reverses the last (metrics.flip_rate)
-                direction = metrics.update_directions(P, new_P - P)
-                history.record_flips(step, metrics.reversals(direction, prev_direction).mean(1))
-                prev_direction = direction
-            P.copy_(torch.where(active[:, None], new_P, P))  # in place: pop.named stays a view of P
+            # Held: a Ctrl-C between counting the update (alive) and keeping it (P) made an interrupted
+            # run's `steps` one more than the updates its parameters had (the optimizer's state, updated
+            # in opt.step, may still be a step ahead of P: a run resumes from its config, not from it).
+            with gate.held():
+                # A run leaves the finite numbers when its loss or new parameters do (a non-finite gradient
+                # makes new_P non-finite too). s - s == 0 exactly when s is finite: 4 ops where
+                # isfinite(loss) & isfinite(new_P).all(1) takes 12 (a sum overflows only past ~1e38 in float32).
+                total = new_P.sum(1) + loss
+                active &= (total - total) == 0
+                alive += active
+                if not track_params:  # the share of parameters whose update reverses the last (metrics.flip_rate)
+                    direction = metrics.update_directions(P, new_P - P)
+                    history.record_flips(step, metrics.reversals(direction, prev_direction).mean(1))
+                    prev_direction = direction
+                P.copy_(torch.where(active[:, None], new_P, P))  # in place: pop.named stays a view of P
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:
         log_rows.close()  # the worker process ends with the training that failed
+        gate.restore()
         raise
     try:
         flush()
     finally:
         log_rows.close()
+        gate.restore()
     return _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, tags, last_row, interrupted,
                     steps, time.perf_counter() - t_start, inverse)
 

@@ -1,5 +1,8 @@
 """The population trainer: exact optima, equivalence with runs alone and with torch.optim, behaviour metrics."""
 
+import dataclasses
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -379,3 +382,34 @@ def test_datasets_that_do_not_match_the_configs_are_refused():
         trainer.train([c], [ds, ds])
     with pytest.raises(ValueError, match=r"run 0: its dataset has n = 40, n_val = 200; its config says data.n = 30"):
         trainer.train([c], [data.make("clean", n=40, seed=0)])
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae"])
+def test_a_ctrl_c_inside_an_update_reports_the_updates_its_parameters_hold(monkeypatch, loss):
+    # A real SIGINT (Ctrl-C) raised while the 7th update is being kept, in P.copy_: the update was already
+    # counted then, so the run said steps = 7 with the parameters of 6 updates. Expected: an interrupted
+    # run's parameters are those of an uninterrupted run of `steps` steps (full-batch SGD at a constant
+    # rate follows the same trajectory whatever the step count), bit for bit, and the handler is given back.
+    c = cfg(**{"data.kind": "outliers", "data.n": 50, "loss.name": loss, "train.steps": 40, "optim.lr": 0.1})
+    build, copies = population.build, [0]
+
+    def build_with_a_ctrl_c(*args, **kw):
+        built = build(*args, **kw)
+        P, copy = built[1], built[1].copy_
+
+        def copy_then_ctrl_c(src):  # the signal arrives as the update is written
+            copies[0] += 1
+            if copies[0] == 7:
+                signal.raise_signal(signal.SIGINT)
+            return copy(src)
+
+        P.copy_ = copy_then_ctrl_c  # (an attribute of this tensor: the method of every other is untouched)
+        return built
+
+    monkeypatch.setattr(trainer.population, "build", build_with_a_ctrl_c)
+    (cut,), _, _ = train([c])
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (cut.status, cut.steps) == ("interrupted", 7)
+    (whole,), _, _ = train([dataclasses.replace(c, train=dataclasses.replace(c.train, steps=7))])
+    assert whole.status == "completed" and cut.params == whole.params
