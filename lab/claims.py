@@ -132,30 +132,34 @@ def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path 
             r.dir = rundir.create(out / "runs" / st.name, r.name)
             by_study[st.id].append(r)
     all_runs = [r for rs in by_study.values() for r in rs]
-    interrupted = False
     populations = len({trainer.population_key(r.config) for r in all_runs})
-    if all_runs:
-        log(f"lab claims{' --quick' if quick else ''}: {len(all_runs)} runs of {len(by_study)} studies in "
-            f"{populations} populations -> {out}")
-        progress = _Progress(studies, by_study, log)
-        with _one_thread():
-            _, interrupted = study.execute(all_runs, out / "runs", figures=False, on_done=progress.done)
-    train_s = time.perf_counter() - t0
-    report = Report([], out, quick, len(all_runs), train_s, 0.0, interrupted, populations,
-                    interrupted_while="training" if interrupted else None)
-    # A Ctrl-C (or SIGTERM) after training stops the measuring or the figures, never the report: the
-    # claims not measured yet are inconclusive, and report.md, table.md and claims.json say so. As in
-    # lab.study, the first signal stops the work and any later one waits for the files.
+    report = Report([], out, quick, len(all_runs), 0.0, 0.0, populations=populations)
+    # A Ctrl-C (or SIGTERM) stops the training, the measuring or the figures, never the report: the claims
+    # not measured yet are inconclusive, and report.md, table.md and claims.json say so. As in lab.study,
+    # the first signal stops the work and any later one waits for the files. The handler is in place
+    # before the training starts (lab.study's own takes over while it trains), so that a signal in the
+    # instant between the training's end and the measuring finds it too.
     with study._Stop() as stop:
-        phase = "measuring"
+        phase, stopped = "training", False  # stopped: by a signal this handler caught (not lab.study's)
         try:
+            if all_runs:
+                log(f"lab claims{' --quick' if quick else ''}: {len(all_runs)} runs of {len(by_study)} studies "
+                    f"in {populations} populations -> {out}")
+                progress = _Progress(studies, by_study, log)
+                with _one_thread():
+                    _, interrupted = study.execute(all_runs, out / "runs", figures=False, on_done=progress.done)
+                if interrupted:  # the runs it did not finish say so; the claims are measured on what there is
+                    report.interrupted, report.interrupted_while = True, "training"
+            report.train_s = time.perf_counter() - t0
+            phase = "measuring"
             for st in studies:
                 report.results.append(evaluate(st, by_study[st.id]))
             phase = "drawing figures"  # (after a Ctrl-C while measuring nobody waits for figures)
             write_figures(report.results, out / "figures", tensorboard=True, paths=report.figures)
             stop.requested = True  # the report is three small files: a signal from here on waits for them
         except KeyboardInterrupt:
-            report.interrupted, report.interrupted_while = True, phase
+            report.interrupted, report.interrupted_while, stopped = True, phase, True
+            report.train_s = report.train_s or time.perf_counter() - t0
         stop.requested = True
         measured = len(report.results)
         report.results += [_unmeasured(st, by_study[st.id], "not measured: interrupted")
@@ -165,7 +169,7 @@ def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path 
     if stop.deferred and not report.interrupted:  # a signal came while the report was written: the exit says so
         report.interrupted = True
         log(f"interrupted after the report was written; report: {out / 'report.md'}")
-    if report.interrupted_while in ("measuring", "drawing figures"):
+    if stopped:  # (a training that lab.study stopped has said so in the progress line)
         log(f"interrupted while {report.interrupted_while}: {measured} of {len(studies)} claims measured, "
             f"{len(report.figures)} figures drawn; report: {out / 'report.md'}")
     return report

@@ -18,7 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from lab import claim_comparison, claim_studies, claim_training, claims, cli, config, data, sweeps, trainer
+from lab import (
+    claim_comparison,
+    claim_studies,
+    claim_training,
+    claims,
+    cli,
+    config,
+    data,
+    study,
+    sweeps,
+    trainer,
+)
 from lab import claim_measures as cm
 from lab.claim_studies import Check, judge, verdict
 from lab.config import ConfigError
@@ -736,3 +747,31 @@ def test_an_interrupted_run_says_how_many_steps_it_trained(tmp_path):
     cut = train(mini, polls_before_stop=20)
     assert (cut.status, cut.steps, cut.steps_to_converge) == ("interrupted", 95, None)
 
+
+
+def test_ctrl_c_as_the_training_ends_still_writes_the_report(tmp_path, monkeypatch, capsys):
+    # A Ctrl-C in the instant after the training returned, before the measuring began, found no handler
+    # of lab claims: a bare "interrupted", exit 130 and no report. Now its handler is in place from the
+    # start: the runs are trained (their summaries written), no claim is measured, and the report says so.
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    shutil.copy(EXPERIMENTS / "optimum_statistics.toml", folder)  # a study that trains (quick: ~1 s)
+    monkeypatch.setattr(claims, "EXPERIMENTS", folder)
+    real = study.execute
+
+    def train_then_ctrl_c(*args, **kw):
+        result = real(*args, **kw)
+        _ctrl_c()
+        return result
+
+    monkeypatch.setattr(study, "execute", train_then_ctrl_c)
+    out = tmp_path / "out"
+    assert cli.main(["claims", "--quick", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted while training: 0 of 1 claims measured, 0 figures drawn; report: {out / 'report.md'}")
+    saved = json.loads((out / "claims.json").read_text())
+    assert (saved["interrupted"], saved["interrupted_while"]) == (True, "training")
+    assert [(c["id"], c["verdict"], c["error"]) for c in saved["claims"]] == [
+        ("2", "inconclusive", "not measured: interrupted")]
+    summaries = [json.loads(p.read_text()) for p in (out / "runs").rglob("summary.json")]
+    assert summaries and {s["status"] for s in summaries} == {"completed"}
