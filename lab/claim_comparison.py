@@ -71,7 +71,7 @@ def comparison_table(runs, params) -> Measurement:
             clean, dirty = (pick(runs, loss__name=n, data__outlier_fraction=f, seed=s) for f in (lo, hi))
             shifts[n] = _line_shift(clean, dirty)
             gap = final(clean, "convergence/gap")
-            ref = (clean.summary or {}).get("reference") or {} if clean is not None else {}
+            ref = (clean.summary or {}).get("reference") or {}
             out[n] = {"convergence": abs(gap) / abs(ref["loss"]) if ref else NAN, **shape[n]}
         for n in names:
             out[n]["robustness"] = ratio(shifts[n], shifts.get("mse", NAN))
@@ -112,8 +112,6 @@ def comparison_table(runs, params) -> Measurement:
 
 def _loss_shape(run, params) -> dict[str, float]:
     """smoothness and near_zero of the run's loss (its own parameters), through autograd."""
-    if run is None:
-        return {"smoothness": NAN, "near_zero": NAN}
     name, loss_params = run.config.loss.name, config.loss_params(run.config)
     e = error_grid(params["grid_max"], params["grid_step"])
     signed = gradients(name, e, **loss_params)
@@ -125,7 +123,7 @@ def _loss_shape(run, params) -> dict[str, float]:
 def _line_shift(clean, dirty) -> float:
     """RMS over x_range (101 points) of the difference between two fitted lines."""
     a, b = line(clean), line(dirty)
-    lo, hi = clean.config.data.x_range if clean is not None else (0.0, 1.0)
+    lo, hi = clean.config.data.x_range
     x = np.linspace(lo, hi, 101)
     return float(np.sqrt(np.mean(((b[0] - a[0]) * x + (b[1] - a[1])) ** 2)))
 
