@@ -19,7 +19,10 @@ every 10 steps, histograms every 200. Measured:
   in-process time (imports and interpreter start excluded, so they are not diluted), the median over
   repeats of each repeat's ratio (the modes of a repeat run back to back, in an order that rotates
   from repeat to repeat). On a CPU both cadences are also timed with every log row computed in the training process (LAB_ROW_WORKER=0),
-  to show what the row worker on the second core (lab.row_worker) buys.
+  to show what the row worker on the second core (lab.row_worker) buys, and every step with the rows'
+  sums free (`_free_rows`: every row answered at once with placeholder sums, in the loop or by the
+  worker): the floor of what logging every step costs the training process whatever computes the rows
+  (the tags, the histories, the event records, the files).
 - single run: one run as a population of one (lab.trainer.train) against the hand-written minimal
   loop (lab.usual_loop.minimal: nn.Linear, loss, backward, SGD step; no logging), per loss.
 - second core (CPU): the population trained with logging off, alone and beside a process that
@@ -98,6 +101,8 @@ def _child(spec_path: str) -> None:
     from lab import study
 
     t_import = time.perf_counter() - t0
+    if spec.get("free_rows"):
+        _free_rows()
     worker_mb = _measure_row_workers()
     runs = study_runs(spec["flat"], spec["sweep"])
     t1 = time.perf_counter()
@@ -111,6 +116,22 @@ def _child(spec_path: str) -> None:
     if spec["flat"]["device"] == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(spec["result"]).write_text(json.dumps(out))
+
+
+def _free_rows() -> None:
+    """Make every log row's sums free in this process (and in a row worker it forks): each row is answered at
+    once with sums of ones (and histograms of ones) instead of lab.log_row.row_sums. The values logged
+    are placeholders; what is timed is everything else logging does."""
+    import torch
+
+    from lab import log_row, row_worker
+
+    def answered_at_once(pop, e, psi, P, histograms, chain, psi_out=None, e_out=None):
+        sums = torch.ones(log_row.row_sums_size(pop), P.shape[0], dtype=P.dtype, device=P.device)
+        return sums, (torch.ones(log_row.row_histograms_shape(pop), dtype=P.dtype, device=P.device)
+                      if histograms else None)
+
+    row_worker._compute = answered_at_once
 
 
 def _measure_row_workers() -> list[float]:
@@ -143,14 +164,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_study(flat: dict, sweep: dict, runs_dir: Path, threads: int | None, env: dict | None = None) -> dict:
+def run_study(flat: dict, sweep: dict, runs_dir: Path, threads: int | None, env: dict | None = None,
+              free_rows: bool = False) -> dict:
     """Time the study in a fresh interpreter: wall time from spawn to exit, plus the child's own figures.
-    env: environment variables for that interpreter on top of this one's (LAB_ROW_WORKER)."""
+    env: environment variables for that interpreter on top of this one's (LAB_ROW_WORKER); free_rows:
+    the log rows' sums cost nothing there (`_free_rows`)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     spec = runs_dir / "bench-spec.json"
     result = runs_dir / "bench-result.json"
     spec.write_text(json.dumps({"flat": flat, "sweep": sweep, "runs_dir": str(runs_dir), "threads": threads,
-                                "result": str(result)}))
+                                "result": str(result), "free_rows": free_rows}))
     if hasattr(os, "sync"):
         # The study syncs its files before writing summaries (lab.study), and a sync also writes back what
         # earlier measurements left in the page cache (an every-step study leaves ~200 MB): start clean.
@@ -263,10 +286,12 @@ def _measure(args, root: Path, save) -> dict:
     # all of them rather than on one; the overheads are medians of each repeat's paired figures (`paired`).
     # On a CPU, also with every log row computed in the training process (LAB_ROW_WORKER=0): what the
     # row worker (lab.row_worker) buys. On a GPU no worker runs, so those modes would repeat the others.
+    # Also on a CPU: every step with the rows' sums free (`_free_rows`), the floor of the rest of logging.
     modes = [("off", 0, None), ("every_step", 1, None)]
     if args.device == "cpu":
         in_loop = {"LAB_ROW_WORKER": "0"}
-        modes += [("default_in_loop", flat["train.log_every"], in_loop), ("every_step_in_loop", 1, in_loop)]
+        modes += [("default_in_loop", flat["train.log_every"], in_loop), ("every_step_in_loop", 1, in_loop),
+                  ("every_step_free_rows", 1, None)]
     # The order rotates from repeat to repeat, so that no mode always follows the same one: on the 2-core
     # machine a study's non-training part (run directories, files, syncs) moved by up to 0.5 s with what
     # ran before it, as much as the overhead measured. The default study is also the lab's own timed run.
@@ -281,7 +306,7 @@ def _measure(args, root: Path, save) -> dict:
                 labs.append(run_study(flat, sweep, root / f"lab{i}", args.threads))
                 continue
             tries[name].append(run_study({**flat, "train.log_every": log_every}, sweep, root / f"{name}{i}",
-                                         args.threads, env))
+                                         args.threads, env, free_rows=name.endswith("_free_rows")))
     # Removed only now: on the 2-core machine (ext4 mounted with online discard) every study after a removal
     # of run directories spent up to 0.3 s more making its own (more after each removal, fading over
     # minutes once they stop), noise as large as the overhead measured.
@@ -345,7 +370,7 @@ def _measure(args, root: Path, save) -> dict:
     }
     if core is not None:
         fig["second_core"] = core
-    for name in ("default_in_loop", "every_step_in_loop"):
+    for name in ("default_in_loop", "every_step_in_loop", "every_step_free_rows"):
         if name in best:
             fig[f"logging_overhead_{name}"] = overhead(name)
     if args.device == "cuda":

@@ -41,7 +41,7 @@ def markdown(fig: dict) -> str:
          + _in_loop(fig, "default_in_loop")),
         ("logging overhead vs logging off, every tag every step (study time, median of repeats)",
          f"{fig['logging_overhead_every_step']:+.0%} (target <= 25%{_spread(fig, 'every_step')})"
-         + _in_loop(fig, "every_step_in_loop")),
+         + _in_loop(fig, "every_step_in_loop") + _free_rows(fig)),
         ("single run / minimal loop (no logging)", f"{fig['single_run_ratio']:.2f}x (target <= 1.5x)"),
     ]
     if fig.get("logging_added_s"):
@@ -49,7 +49,8 @@ def markdown(fig: dict) -> str:
         split_text = "; ".join(f"{label} {added[name]['study']:+.2f} s, of which {added[name]['train']:+.2f} s in training"
                           for name, label in (("default", "default"), ("every_step", "every step"),
                                               ("default_in_loop", "default, rows in the training process"),
-                                              ("every_step_in_loop", "every step, rows in the training process"))
+                                              ("every_step_in_loop", "every step, rows in the training process"),
+                                              ("every_step_free_rows", "every step, rows' sums free"))
                           if name in added)
         rows.insert(rows.index(next(r for r in rows if r[0].startswith("single run"))),
                     ("logging: seconds added to the study, and to lab.trainer.train (median of repeats)", split_text))
@@ -80,8 +81,12 @@ def markdown(fig: dict) -> str:
     if fig["device"] == "cpu":
         notes += (" Training uses one intra-op thread on a CPU (two were up to 20x slower whenever another process "
                   "shared the cores), and the log rows' sums a second core (lab.row_worker); \"rows in the training "
-                  "process\" is the same study with LAB_ROW_WORKER=0. Timings on shared cores move by 10-30% between "
-                  "runs, the baseline's too.")
+                  "process\" is the same study with LAB_ROW_WORKER=0.")
+        if "logging_overhead_every_step_free_rows" in fig:
+            notes += (" \"Rows' sums free\" answers every row at once with placeholder sums: what logging every step "
+                      "costs whatever computes the rows (tags, histories, event records, files), its floor on this "
+                      "machine.")
+        notes += " Timings on shared cores move by 10-30% between runs, the baseline's too."
     else:
         notes += (" Memory: the process's peak resident memory, then the GPU's peak allocated memory. The targets "
                   "are set for 2 CPU cores; on a GPU they are shown for comparison.")
@@ -95,6 +100,11 @@ def markdown(fig: dict) -> str:
 def _memory(rss_mb: float, gpu_mb: float | None, worker_mb: float | None = None) -> str:
     worker = f" + {worker_mb:.0f} MB row worker (private)" if worker_mb else ""
     return f"{rss_mb:.0f} MB" + (f" + {gpu_mb:.0f} MB GPU" if gpu_mb is not None else "") + worker
+
+
+def _free_rows(fig: dict) -> str:
+    value = fig.get("logging_overhead_every_step_free_rows")
+    return "" if value is None else f"; rows' sums free: {value:+.0%}{_spread(fig, 'every_step_free_rows')}"
 
 
 def _in_loop(fig: dict, name: str) -> str:

@@ -27,7 +27,9 @@ def test_a_small_benchmark_writes_every_figure(tmp_path):
     # on a CPU both cadences are timed again with the rows in the training process
     assert fig["logging_overhead_default_in_loop"] > -1 and fig["logging_overhead_every_step_in_loop"] > -1
     # where the overhead goes: a study-level figure and the part inside the trainer, for each logged mode
-    assert set(fig["logging_added_s"]) == {"default", "every_step", "default_in_loop", "every_step_in_loop"}
+    assert set(fig["logging_added_s"]) == {"default", "every_step", "default_in_loop", "every_step_in_loop",
+                                           "every_step_free_rows"}
+    assert fig["logging_overhead_every_step_free_rows"] > -1
     assert all(set(v) == {"study", "train"} for v in fig["logging_added_s"].values())
     assert len(fig["logging_execute_s_all"]["off"]) == len(fig["logging_train_s_all"]["every_step"]) == 1
     text = md.read_text()
@@ -39,7 +41,7 @@ def test_a_small_benchmark_writes_every_figure(tmp_path):
         assert core["slowdown"] == pytest.approx(sorted(b / a for a, b in zip(core["alone_s"], core["beside_s"]))[1] - 1)
         assert "| training beside log rows on the second core" in text
     assert "| speedup |" in text and ("Targets met:" in text or "Not met:" in text)
-    assert "rows in the training process: " in text and "of which +" in text
+    assert "rows in the training process: " in text and "of which +" in text and "rows' sums free: " in text
     assert text.startswith("Measured by `scripts/bench` on ") and " cores, " in text.splitlines()[0]
 
 
@@ -51,6 +53,28 @@ def test_a_study_process_reports_its_row_worker(tmp_path):
     none = bench.run_study(flat, bench.study_sweep(1), tmp_path / "w0", None, {"LAB_ROW_WORKER": "0"})
     assert forced["completed"] == none["completed"] == 20
     assert forced["worker_private_mb"] > 0 and none["worker_private_mb"] == 0
+
+
+@pytest.mark.parametrize("worker", ["0", "1"])
+def test_a_study_process_with_free_rows_logs_placeholder_sums(tmp_path, worker):
+    # The floor of logging's cost ("rows' sums free"): every row is answered with sums of ones, in the loop
+    # or by the worker. Expected: val_mse is then the placeholder sum over n_val = 200 points (1 / 200) for
+    # every run, where the same study with real rows logs each run's own validation error.
+    if worker == "1" and not hasattr(__import__("os"), "fork"):
+        pytest.skip("a row worker needs fork")
+    flat = {**bench.study_flat(steps=30), "data.n": 100}
+    env = {"LAB_ROW_WORKER": worker}
+    free = bench.run_study(flat, bench.study_sweep(1), tmp_path / "free", None, env, free_rows=True)
+    real = bench.run_study(flat, bench.study_sweep(1), tmp_path / "real", None, env)
+    assert free["completed"] == real["completed"] == 20
+    assert (free["worker_private_mb"] > 0) == (real["worker_private_mb"] > 0) == (worker == "1")
+
+    def val_mse(folder):
+        return [json.loads(p.read_text())["final"]["loss/val_mse"] for p in folder.rglob("summary.json")]
+
+    assert val_mse(tmp_path / "free") == [pytest.approx(1 / 200, rel=1e-6)] * 20
+    real_values = val_mse(tmp_path / "real")
+    assert len(set(real_values)) == 20 and all(v != pytest.approx(1 / 200, rel=1e-6) for v in real_values)
 
 
 def test_bad_arguments_are_one_line_and_exit_2(capsys):
@@ -72,10 +96,10 @@ def test_a_benchmark_killed_in_its_scale_point_keeps_what_it_measured(tmp_path, 
 
     real = bench.run_study
 
-    def run_study(flat, sweep, runs_dir, threads, env=None):
+    def run_study(flat, sweep, runs_dir, threads, env=None, free_rows=False):
         if runs_dir.name == "scale":
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(flat, sweep, runs_dir, threads, env)
+        return real(flat, sweep, runs_dir, threads, env, free_rows)
 
     monkeypatch.setattr(bench, "run_study", run_study)
     (tmp_path / "tmp").mkdir()
