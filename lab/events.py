@@ -10,8 +10,9 @@ values do), checksummed with the C CRC-32C from `google_crc32c`, buffered in
 memory and appended with one file write per flush. A population of runs that
 log the same tags at the same steps is encoded in one pass for all its writers
 (`add_scalar_blocks`, `add_histograms_raw`). The rare records (text, images,
-hparams) go through the compiled protos that ship with TensorBoard; histograms
-are hand-encoded too, byte for byte what the protos would write.
+hparams) go through the compiled protos that ship with TensorBoard, in
+`lab.event_protos`, whose `ProtoRecords` EventWriter inherits; histograms are
+hand-encoded too, byte for byte what the protos would write.
 
 The byte formats (TFRecord framing, the Event and HistogramProto layouts) and
 the encoders live in `lab.records`; this module checks inputs, buffers the
@@ -21,7 +22,6 @@ encoded records and writes the files.
 from __future__ import annotations
 
 import itertools
-import operator
 import os
 import socket
 import struct
@@ -30,11 +30,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.compat.proto.tensor_pb2 import TensorProto
-from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
-from tensorboard.plugins.text.plugin_data_pb2 import TextPluginData
+from tensorboard.compat.proto import event_pb2
 
+from lab.event_protos import ProtoRecords
 from lab.records import (
     _HISTO_STATS,
     _encode_histograms,
@@ -42,14 +40,12 @@ from lab.records import (
     _record,
     _scalar_layout,
     _scalar_record,
+    _step,
 )
 
 # Below this many events per add_scalar_block call, encoding event by event in
 # Python beats numpy's fixed cost per call (measured by bench()).
 _MIN_VECTOR_ROWS = 32
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PNG colour type -> Summary.Image.colorspace (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
-_PNG_COLORSPACE = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 # Our own counter for file names; collisions with other writers in the same
 # logdir and second are resolved by exclusive creation in EventWriter.__init__.
 _file_counter = itertools.count()
@@ -62,18 +58,6 @@ def _to_numpy(x) -> np.ndarray:
             x = x.float()  # numpy has no bfloat16; float32 holds every narrower float
         return x.cpu().numpy()  # .cpu() waits for the device: callers pass whole blocks
     return np.asarray(x)
-
-
-def _step(step) -> int:
-    """A step as TensorBoard stores it, an int64: an integer of any kind (Python, numpy, a 0-d tensor);
-    a float with a fraction is a TypeError and a step past int64 a ValueError, not a silent 3 or wrap to 0."""
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an integer, got {step!r}") from None
-    if not -(2**63) <= step < 2**63:
-        raise ValueError(f"step must fit an int64, got {step}")
-    return step
 
 
 def _block_inputs(tags: Sequence[str], steps, values, wall_times, n_runs: int | None = None):
@@ -108,13 +92,15 @@ def _block_inputs(tags: Sequence[str], steps, values, wall_times, n_runs: int | 
     return _scalar_layout(tags), steps.astype(np.int64).view(np.uint64), times, values
 
 
-class EventWriter:
+class EventWriter(ProtoRecords):
     """One TensorBoard event file in `logdir`, written synchronously in batches.
 
     The file is named events.out.tfevents.<time>.<host>.<pid>.<counter><suffix>,
     the name TensorBoard looks for. Records are TFRecords checksummed with the C
     CRC-32C; the first is the file_version event "brain.Event:2" (which also
-    tells TensorBoard not to purge events whose steps go backwards).
+    tells TensorBoard not to purge events whose steps go backwards). Scalars and
+    histograms are encoded here; the rare records (`add_summary`, `add_text`,
+    `add_image`, `add_hparams`) are inherited from `lab.event_protos.ProtoRecords`.
 
     Encoded records wait in memory and are appended with one write per
     `flush()` (or when more than `max_buffer_bytes` wait), so the file only
@@ -197,13 +183,7 @@ class EventWriter:
             return
         self._write(_encode_scalar_runs(layout, steps, times, values[None]).tobytes())
 
-    # -- rare records through the protos --------------------------------------
-
-    def add_summary(self, summary: summary_pb2.Summary, step: int, wall_time: float | None = None):
-        """Any Summary proto (e.g. from torch.utils.tensorboard.summary) as one Event."""
-        event = event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time,
-                                step=_step(step), summary=summary)
-        self._write(_record(event.SerializeToString()))
+    # -- histograms: hand-encoded like the scalars ----------------------------------
 
     def add_histogram(self, tag: str, values, step: int, bins: int = 30,
                       wall_time: float | None = None):
@@ -236,63 +216,6 @@ class EventWriter:
         stats = np.array([[float(min), float(max), float(num), float(sum), float(sum_squares)]])
         self._write(_encode_histograms(tag, _step(step), time.time() if wall_time is None else wall_time,
                                        stats, limits[None], counts[None])[0])
-
-    def add_text(self, tag: str, markdown: str, step: int = 0, wall_time: float | None = None):
-        """Markdown text for the Text dashboard, under `tag` unchanged."""
-        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(
-            plugin_name="text", content=TextPluginData(version=0).SerializeToString()))
-        tensor = TensorProto(dtype="DT_STRING", string_val=[markdown.encode("utf-8")],
-                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
-        self.add_summary(summary_pb2.Summary(value=[summary_pb2.Summary.Value(
-            tag=tag, metadata=metadata, tensor=tensor)]), step, wall_time)
-
-    def add_image(self, tag: str, png_bytes: bytes, step: int = 0, height: int | None = None,
-                  width: int | None = None, wall_time: float | None = None):
-        """An encoded PNG (e.g. matplotlib savefig into BytesIO).
-
-        Height, width and colour space are read from the PNG header unless given.
-        """
-        png_bytes = bytes(png_bytes)
-        if png_bytes[:8] != _PNG_SIGNATURE or len(png_bytes) < 26:
-            raise ValueError(f"expected PNG bytes, got a file starting {png_bytes[:8]!r}")
-        png_width, png_height = struct.unpack(">II", png_bytes[16:24])  # IHDR
-        image = summary_pb2.Summary.Image(
-            height=png_height if height is None else height,
-            width=png_width if width is None else width,
-            colorspace=_PNG_COLORSPACE.get(png_bytes[25], 0),
-            encoded_image_string=png_bytes)
-        self.add_summary(summary_pb2.Summary(value=[summary_pb2.Summary.Value(
-            tag=tag, image=image)]), step, wall_time)
-
-    def add_hparams(self, hparams: Mapping, metrics: Mapping[str, float], step: int = 0,
-                    experiment: bool = True, status: str = "success"):
-        """This run's hyperparameters and final metrics for the HParams dashboard.
-
-        Unlike SummaryWriter.add_hparams, which opens a timestamped subfolder,
-        the three hparams-plugin summaries go into this run's own file, so the
-        dashboard lists each run once. Metric values are also written as
-        scalars under their tags, which is where the dashboard reads them.
-
-        Values must be int, float, str, bool or None (None is skipped), as
-        torch.utils.tensorboard.summary.hparams requires. The plugin takes the
-        `_hparams_/experiment` summary of an arbitrary run as the column set;
-        with `experiment=False` it instead unions every run's hparams and infers
-        their domains, which suits runs whose hparam keys differ. `status` is the
-        session's end status the dashboard shows: success, failure, unknown or
-        running (SummaryWriter writes success whatever happened).
-        """
-        from tensorboard.plugins.hparams import api_pb2
-        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
-
-        code = api_pb2.Status.Value(f"STATUS_{status.upper()}")  # (ValueError for another word)
-        exp, start, end = hparams_summaries(dict(hparams), dict(metrics))
-        data = HParamsPluginData.FromString(end.value[0].metadata.plugin_data.content)
-        data.session_end_info.status = code
-        end.value[0].metadata.plugin_data.content = data.SerializeToString()
-        for summary in (exp, start, end) if experiment else (start, end):
-            self.add_summary(summary, step)
-        self.add_scalars(step, metrics)
 
     # -- buffering -------------------------------------------------------------
 

@@ -27,6 +27,7 @@ CRC of the same record with zero values XOR one table entry per value byte
 from __future__ import annotations
 
 import itertools
+import operator
 import struct
 from collections.abc import Sequence
 from functools import lru_cache
@@ -54,6 +55,19 @@ def _header(length: int) -> bytes:
 
 def _record(data: bytes) -> bytes:
     return _header(len(data)) + data + _U32.pack(_masked_crc(data))
+
+
+# Here rather than in lab.events: lab.event_protos checks its steps too, and imports from this module only.
+def _step(step) -> int:
+    """A step as TensorBoard stores it, an int64: an integer of any kind (Python, numpy, a 0-d tensor);
+    a float with a fraction is a TypeError and a step past int64 a ValueError, not a silent 3 or wrap to 0."""
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an integer, got {step!r}") from None
+    if not -(2**63) <= step < 2**63:
+        raise ValueError(f"step must fit an int64, got {step}")
+    return step
 
 
 def _varint(value: int) -> bytes:

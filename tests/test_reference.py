@@ -22,7 +22,7 @@ import torch
 from reference_helpers import data, objective, theta_of
 from scipy.optimize import linprog, minimize
 
-from lab import losses, reference
+from lab import losses, newton_fit, reference
 from lab.reference import solve, solve_many
 
 CONVEX = [
@@ -226,8 +226,8 @@ def test_newton_converges_on_a_near_perfect_fit(noise):
 
 def test_newton_does_not_import_sympy():
     """A tensor grad_outputs in torch.autograd.grad pulls in torch's symbolic-shape code and sympy, ~0.4 s
-    in every lab process; _psi_and_derivative must not. Needs a fresh interpreter: pytest's own process
-    may already hold sympy from another test."""
+    in every lab process; lab.newton_fit._psi_and_derivative must not. Needs a fresh interpreter: pytest's
+    own process may already hold sympy from another test."""
     code = ("import sys, numpy as np\n"
             "from lab import reference\n"
             "x = np.linspace(-1, 1, 50)\n"
@@ -242,7 +242,7 @@ def test_newton_does_not_import_sympy():
 def test_bfgs_fallback_agrees_with_newton(monkeypatch):
     x, y = data(seed=10)
     ref = solve("log_cosh", {}, "linear", x, y)
-    monkeypatch.setattr(reference, "_MAX_ITER", 1)
+    monkeypatch.setattr(newton_fit, "_MAX_ITER", 1)
     fallback = solve("log_cosh", {}, "linear", x, y)
     assert fallback.method == "newton+bfgs" and fallback.exact
     np.testing.assert_allclose(theta_of(fallback, "linear"), theta_of(ref, "linear"), rtol=1e-7)
