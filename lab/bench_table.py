@@ -104,7 +104,10 @@ def _memory(rss_mb: float, gpu_mb: float | None, worker_mb: float | None = None)
 
 def _free_rows(fig: dict) -> str:
     value = fig.get("logging_overhead_every_step_free_rows")
-    return "" if value is None else f"; rows' sums free: {value:+.0%}{_spread(fig, 'every_step_free_rows')}"
+    if value is None:
+        return ""
+    spread = _spread(fig, "every_step_free_rows")  # "; repeats ...", here in parentheses of its own
+    return f"; rows' sums free: {value:+.0%}" + (f" ({spread[2:]})" if spread else "")
 
 
 def _in_loop(fig: dict, name: str) -> str:
