@@ -158,11 +158,12 @@ def write_report(report: Report) -> None:
 def _interruption(report: Report) -> str:
     """The report's line on a Ctrl-C: what it stopped, and what that leaves inconclusive or undrawn."""
     runs_cut = "Some runs did not finish; their claims are inconclusive."
-    if report.interrupted_while == "measuring":
-        skipped = [r.study.id for r in report.results if r.error == "not measured: interrupted"]
-        line = (f"**Interrupted** while measuring: claim{'s' if len(skipped) > 1 else ''} {', '.join(skipped)} "
-                "not measured (inconclusive); no figures drawn." if skipped else
-                "**Interrupted** after measuring every claim: no figures drawn.")
+    skipped = [r.study.id for r in report.results if r.error == "not measured: interrupted"]
+    if report.interrupted_while in ("training", "measuring") and skipped:  # (training: stopped before measuring)
+        line = (f"**Interrupted** while {report.interrupted_while}: claim{'s' if len(skipped) > 1 else ''} "
+                f"{', '.join(skipped)} not measured (inconclusive); no figures drawn.")
+    elif report.interrupted_while == "measuring":
+        line = "**Interrupted** after measuring every claim: no figures drawn."
     elif report.interrupted_while == "drawing figures":
         planned = sum(len(r.plots) for r in report.results)
         line = (f"**Interrupted** while drawing the figures: every claim measured; {len(report.figures)} of "

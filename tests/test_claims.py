@@ -775,3 +775,7 @@ def test_ctrl_c_as_the_training_ends_still_writes_the_report(tmp_path, monkeypat
         ("2", "inconclusive", "not measured: interrupted")]
     summaries = [json.loads(p.read_text()) for p in (out / "runs").rglob("summary.json")]
     assert summaries and {s["status"] for s in summaries} == {"completed"}
+    # (the report said "some runs did not finish", where every run had finished and no claim was measured)
+    report = (out / "report.md").read_text()
+    assert "**Interrupted** while training: claim 2 not measured (inconclusive); no figures drawn." in report
+    assert "did not finish" not in report
