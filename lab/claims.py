@@ -158,6 +158,9 @@ def run(quick: bool = False, out: Path | str = "runs/claims", experiments: Path 
             write_figures(report.results, out / "figures", tensorboard=True, paths=report.figures)
             stop.requested = True  # the report is three small files: a signal from here on waits for them
         except KeyboardInterrupt:
+            if phase == "training" and all((r.summary or {}).get("status") in ("completed", "diverged", "failed")
+                                           for r in all_runs):
+                phase = "measuring"  # every run had ended: the signal came as the measuring was to begin
             report.interrupted, report.interrupted_while, stopped = True, phase, True
             report.train_s = report.train_s or time.perf_counter() - t0
         stop.requested = True

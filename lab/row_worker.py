@@ -212,7 +212,8 @@ class Rows:
             self.rows, self.sent, self.done, self.slot_rows = [], 0, set(), {}
 
     def close(self) -> None:
-        """End the worker (it exits when its pipe of requests closes), reap it, and give the signals back."""
+        """End the worker (it exits when its pipe of requests closes) and reap it; where the rows installed
+        their own gate, give the signals back first."""
         self._restore_gate()
         self.pop.psi_derived = self.pop.e_derived = False  # (rows after this, in the loop, keep e and psi again)
         if self.pid is None:

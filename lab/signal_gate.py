@@ -35,6 +35,10 @@ class SignalGate:
         if self.depth:
             self.caught.append(signum)
         else:
+            # One stop, not two: a signal held until now (one that came as the block ended, after
+            # `depth` fell to 0 but before `__exit__` passed it on) goes with this one, rather than
+            # raising again at the end of the next block.
+            self.caught.clear()
             self._pass_on(signum, frame)
 
     def _pass_on(self, signum, frame) -> None:

@@ -316,14 +316,14 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:
+        gate.restore()  # first: a Ctrl-C while the worker is reaped must not leave the gate installed
         log_rows.close()  # the worker process ends with the training that failed
-        gate.restore()
         raise
     try:
         flush()
     finally:
-        log_rows.close()
         gate.restore()
+        log_rows.close()
     return _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, tags, last_row, interrupted,
                     steps, time.perf_counter() - t_start, inverse)
 

@@ -768,14 +768,14 @@ def test_ctrl_c_as_the_training_ends_still_writes_the_report(tmp_path, monkeypat
     out = tmp_path / "out"
     assert cli.main(["claims", "--quick", "--out", str(out)]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"interrupted while training: 0 of 1 claims measured, 0 figures drawn; report: {out / 'report.md'}")
+        f"interrupted while measuring: 0 of 1 claims measured, 0 figures drawn; report: {out / 'report.md'}")
     saved = json.loads((out / "claims.json").read_text())
-    assert (saved["interrupted"], saved["interrupted_while"]) == (True, "training")
+    assert (saved["interrupted"], saved["interrupted_while"]) == (True, "measuring")  # (every run had ended)
     assert [(c["id"], c["verdict"], c["error"]) for c in saved["claims"]] == [
         ("2", "inconclusive", "not measured: interrupted")]
     summaries = [json.loads(p.read_text()) for p in (out / "runs").rglob("summary.json")]
     assert summaries and {s["status"] for s in summaries} == {"completed"}
     # (the report said "some runs did not finish", where every run had finished and no claim was measured)
     report = (out / "report.md").read_text()
-    assert "**Interrupted** while training: claim 2 not measured (inconclusive); no figures drawn." in report
+    assert "**Interrupted** while measuring: claim 2 not measured (inconclusive); no figures drawn." in report
     assert "did not finish" not in report

@@ -371,3 +371,23 @@ def test_a_line_model_s_step_leaves_e_to_the_worker(monkeypatch, capfd, model, w
     assert made[0].pid is None and capfd.readouterr().err == ""  # closed, after answering every row
     assert all(bool(slot.any()) == writes_e for slot in made[0].e)
     _assert_same(on_worker, _train(cfgs, worker=False))
+
+
+@needs_fork
+def test_a_ctrl_c_while_the_worker_is_reaped_leaves_no_gate_installed(monkeypatch):
+    # The trainer holds signals with one gate, which the rows use too. A Ctrl-C as the worker was being
+    # reaped (in Rows.close) skipped the gate's restore, which ran after it: the process kept the
+    # gate's handler in front of its own. Expected: the KeyboardInterrupt propagates, the worker is
+    # reaped, and Python's SIGINT handler is back.
+    close, pids = row_worker.Rows.close, []
+
+    def close_then_ctrl_c(rows):
+        pids.append(rows.pid)
+        close(rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(row_worker.Rows, "close", close_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _train(_cfgs(**{"train.log_every": 1, "train.steps": 20}), worker=True)
+    assert pids[0] is not None and _reaped(pids[0])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
