@@ -113,5 +113,7 @@ def test_a_benchmark_killed_in_its_scale_point_keeps_what_it_measured(tmp_path, 
     fig = json.loads(out.read_text())
     assert fig["pending"] == ["scale"] and fig["scale_10k_s"] is None and fig["speedup"] > 0
     assert "| 10,000 runs, fully logged | not finished |" in md.read_text()
-    assert list((tmp_path / "tmp").iterdir()) == []
+    # The benchmark's run directories are gone. (torch may make its compile cache, torchinductor_<user>,
+    # in the same temporary folder when the test runs alone: not the benchmark's to remove.)
+    assert list((tmp_path / "tmp").glob("lab-bench-*")) == []
     assert signal.getsignal(signal.SIGTERM) is before
