@@ -110,6 +110,7 @@ class Rows:
         # (row, step, slot, histograms wanted, rmse chain [N] or None) since the last collect
         self.rows: list[tuple[log_row.RawRow, int, int | None, bool, torch.Tensor | None]] = []
         self.sent = 0  # rows[:sent] were sent to the worker
+        self.histogram_rows = 0  # rows with histograms since the last clear (held until the flush logs them)
         self.done: set[int] = set()  # rows (indices into self.rows) the worker has answered
         self.slot_rows: dict[int, int] = {}  # slot -> the unanswered row that holds it
         self.pid, self.gate = None, SignalGate(install=worker) if gate is None else gate
@@ -168,6 +169,7 @@ class Rows:
         histograms; chain: the rmse runs' dL/dm [N] or None) are computed now, or by the worker."""
         if len(self.rows) >= self.capacity:
             raise RuntimeError(f"more than {self.capacity} rows submitted without a clear")
+        self.histogram_rows += histograms
         if self.pid is None:
             raw.sums, raw.histograms = _compute(self.pop, self.pop.row_e, self.pop.row_psi, P, histograms, chain)
             self.rows.append((raw, step, None, histograms, chain))
@@ -209,7 +211,7 @@ class Rows:
     def clear(self) -> None:
         """Forget the collected rows, once they are logged (a Ctrl-C before that: they are collected again)."""
         with self.gate.held():
-            self.rows, self.sent, self.done, self.slot_rows = [], 0, set(), {}
+            self.rows, self.sent, self.done, self.slot_rows, self.histogram_rows = [], 0, set(), {}, 0
 
     def close(self) -> None:
         """End the worker (it exits when its pipe of requests closes) and reap it; where the rows installed

@@ -33,6 +33,7 @@ and the callbacks are never called; one row is still computed at the last step, 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ _TRACK_PARAMS = 64
 # The history ring (lab.history) holds at most this many values (16 MiB of float32), or window + 2 steps
 # where that is more; a flush comes early when a pending row's window would be overwritten.
 _HISTORY_ELEMENTS = 1 << 22
+# A flush's rows hold their histograms ([2, N, bins + 2] each) until it logs them: a flush comes early
+# once they would pass this many bytes (10,000 runs logging histograms every step: ~12 rows, not 50).
+_HISTOGRAM_BYTES = 32 << 20
 
 
 @dataclass
@@ -230,6 +234,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
 
     if worker is None:
         worker = row_worker.worker_pays(device, pop.y3.shape[0] * n * pop.k, len(row_steps))
+    histogram_rows = max(1, _HISTOGRAM_BYTES // (math.prod(log_row.row_histograms_shape(pop)) * P.element_size()))
     # A signal that lands inside an update waits for its end (see the update below); the row worker's
     # bookkeeping holds signals with the same gate.
     gate = SignalGate()
@@ -288,7 +293,8 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
                 raw = log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now)
                 histograms = bool(hist_every and on_hist and step % hist_every == 0)
                 log_rows.submit(raw, P, step, histograms, chain)  # its sums and histograms: now, or on the row worker
-                if len(log_rows) >= flush_every or history.must_flush(log_rows.first_step, next_row.get(step)):
+                if (len(log_rows) >= flush_every or log_rows.histogram_rows >= histogram_rows
+                        or history.must_flush(log_rows.first_step, next_row.get(step))):
                     flush()
                     if should_stop and should_stop():
                         raise KeyboardInterrupt
