@@ -137,11 +137,12 @@ def entry() -> None:
     torch's and numpy's objects and unload modules: ~0.5 s, a tenth of a 200-run study (2 cores).
     """
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (BrokenPipeError, ValueError):  # a closed pipe or stream: nothing left to say
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # (None: the command started with that descriptor closed, `>&-`)
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream, a full disk: nothing left to say
+            pass
     os._exit(code)
 
 
@@ -171,6 +172,8 @@ def _dispatch(args) -> int:
         if args.command == "claims":
             from lab import claims
             return claims.main(args)
+    except BrokenPipeError:  # the reader left (`| head`): main() ends quietly, every result is written
+        raise
     except (ConfigError, ValueError, OSError) as e:
         return _fail(str(e))
     raise UsageError(f"unknown command {args.command!r}")

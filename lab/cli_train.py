@@ -267,20 +267,26 @@ class _Progress:
     """A bar when stdout is a terminal; one line per finished run otherwise (logs, pipes, CI)."""
 
     def __init__(self, total: int, stream=None):
-        self.stream = stream or sys.stdout
-        self.total, self.count, self.tty = total, 0, self.stream.isatty()
+        self.stream = stream or sys.stdout  # (None where the command started with stdout closed)
+        self.total, self.count = total, 0
+        self.tty = self.stream is not None and self.stream.isatty()
 
     def done(self, run):
         self.count += 1
-        if self.tty:
-            width = 30
-            filled = int(width * self.count / max(self.total, 1))
-            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} {run.name:<40.40}",
-                  end="", flush=True, file=self.stream)
-        else:
-            print(f"[{self.count}/{self.total}] {run.dir}  {one_line_summary(run.summary)}", flush=True,
-                  file=self.stream)
+        try:
+            if self.stream is None:
+                return
+            if self.tty:
+                width = 30
+                filled = int(width * self.count / max(self.total, 1))
+                print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} {run.name:<40.40}",
+                      end="", flush=True, file=self.stream)
+            else:
+                print(f"[{self.count}/{self.total}] {run.dir}  {one_line_summary(run.summary)}", flush=True,
+                      file=self.stream)
+        except OSError:  # a reader that left (`| head`), a full disk: the progress stops, never the study
+            self.stream = None
 
     def close(self):
-        if self.tty and self.total:
+        if self.tty and self.total and self.stream is not None:
             print(file=self.stream)

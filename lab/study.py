@@ -185,6 +185,7 @@ def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, 
     except KeyboardInterrupt:
         for r, w, flat in zip(population, writers or [None] * len(population), flats):
             _finish(r, None, "interrupted", hkeys, w, flat)
+        for r in population:  # (told after every summary is written: a callback that fails loses none)
             _notify(on_done, r)
         return True
     except Exception as e:  # noqa: BLE001 — recorded per run, never lost
@@ -215,8 +216,9 @@ def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, 
     atomic.sync()  # every file a summary vouches for is on disk before any summary is
     for r, res, flat in zip(population, results, flats):
         _write_summary(r, res, res.status, flat)
-        _notify(on_done, r)
     atomic.sync()
+    for r in population:  # told once every summary is written: a callback that fails (a progress line to
+        _notify(on_done, r)  # a closed pipe) cost the summaries after it
     return any(res.status == "interrupted" for res in results)
 
 

@@ -299,3 +299,32 @@ def test_torch_load_is_only_used_with_weights_only():
             if "np.load(" in line or "numpy.load(" in line:
                 assert "allow_pickle=True" not in line, f"{path.name}:{i + 1}"
     assert "np.load(" in (src / "data" / "dataset.py").read_text()  # the scan saw the dataset loader
+
+
+# ---------------------------------------------------------------------------------------------- closed output
+
+
+def test_a_sweep_whose_reader_left_writes_every_summary_and_exits_0(tmp_path):
+    # `lab sweep ... | head -1`: the reader gone, the first progress line raised BrokenPipeError inside the
+    # loop that writes the population's summaries, so the runs after it lost theirs, and the command said
+    # "error: [Errno 32] Broken pipe" with exit code 2 (bad input). The pipe is closed here before the sweep
+    # prints anything, so every line it prints meets it.
+    cfg = toml(tmp_path, 'name = "pipe"\n')
+    proc = subprocess.Popen([*LAB, "sweep", str(cfg), *FAST, "seed=0,1,2,3", "--runs-dir", str(tmp_path / "runs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "error" not in err
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("summary.json")]
+    assert len(summaries) == 4 and {s["status"] for s in summaries} == {"completed"}
+
+
+def test_a_command_started_with_stdout_closed_ends_without_a_traceback(tmp_path):
+    # `lab report R >&-`: Python's sys.stdout is None there, and the exit's flush raised AttributeError.
+    cfg = toml(tmp_path, 'name = "shut"\n')
+    runs = tmp_path / "runs"
+    for args in (["sweep", str(cfg), *FAST, "seed=0,1", "--runs-dir", str(runs)], ["report", str(runs)]):
+        r = subprocess.run([*LAB, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                           check=False, pass_fds=(), preexec_fn=lambda: os.close(1))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(list(runs.rglob("summary.json"))) == 2
