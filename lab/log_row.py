@@ -58,8 +58,8 @@ class RawRow:
     gap: torch.Tensor  # [N]
     lr: torch.Tensor  # [N]
     P: torch.Tensor | None  # [N, P] parameters (a copy), line models only (the MLP logs none of them)
-    grad: torch.Tensor | None  # [2, N]: norm (pre-clip when clipped) and largest |component|; None if `grads`
-    grads: torch.Tensor | None  # [N, P] a copy of the gradients (line models, unclipped): tag_rows takes both
+    grad: torch.Tensor | None  # [2, N]: the gradient's norm and largest |component|; None if `grads`
+    grads: torch.Tensor | None  # [N, P] a copy of the gradient (line models): tag_rows takes both
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
     histograms: torch.Tensor | None = None  # row_histograms, at a histogram step (lab.row_worker.Rows adds them)
 
@@ -111,19 +111,19 @@ def row_psi(pop, e: torch.Tensor, psi: torch.Tensor, out: torch.Tensor | None = 
     return out
 
 
-def raw_row(pop, loss, chain, P, grads, gnorm, gap, lr) -> RawRow:
+def raw_row(pop, loss, chain, P, gradient, gap, lr) -> RawRow:
     """A log row at its step, without its sums (lab.row_worker.Rows adds them): on the device, no host sync.
 
-    loss, gap, lr [N] as logged; grads [N, P] (gnorm: their pre-clip norm when clipped); P [N, P] the live
-    parameters (copied here). Everything else is derived for many rows at once by `tag_rows`: a row is then
-    a few dozen tensor ops at its step instead of ~140, most of which were launch overhead on [N]-sized tensors.
+    loss, gap, lr [N] as logged; gradient [N, P] the loss's gradient, before any clipping (grad/norm and
+    grad/max_abs describe it, both); P [N, P] the live parameters (copied here). Everything else is derived
+    for many rows at once by `tag_rows`: a row is then a few dozen tensor ops at its step instead of ~140,
+    most of which were launch overhead on [N]-sized tensors.
     """
     line = pop.model.kind in ("linear", "constant")
-    if line and gnorm is None:  # a copy of a few values per run: one op at the step instead of four
-        grad, grads = None, grads.clone()
+    if line:  # a copy of a few values per run: one op at the step instead of four
+        grad, grads = None, gradient.clone()
     else:
-        grad = torch.stack([torch.linalg.vector_norm(grads, dim=-1) if gnorm is None else gnorm, grads.abs().amax(-1)])
-        grads = None
+        grad, grads = torch.stack([torch.linalg.vector_norm(gradient, dim=-1), gradient.abs().amax(-1)]), None
     return RawRow(sums=None, loss=loss, gap=gap, lr=lr, P=P.clone() if line else None, grad=grad, grads=grads,
                   has_grad=None if chain is None else (chain != 0).to(P.dtype))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,16 +145,29 @@ def name_runs(grid: list[tuple[Config, dict]]) -> list[Run]:
 
 
 def estimate_bytes(cfgs: list[Config]) -> int:
-    """Rough peak memory of training these runs as populations: data and per-step temporaries.
+    """Rough peak memory of training these runs as populations: data, per-step temporaries, parameters.
 
     Per run and training point about 16 tensors of the training dtype are alive at once (x, y, the
     prediction, psi, loss values, minibatch copies, metric temporaries), plus the histogram buffers.
+    Per run and parameter about 16 copies (the parameters, their float64 draw, gradients, the update,
+    the MLP's backward temporaries and flip-rate directions: 13-15 measured for MLPs of 1-4 million
+    parameters) and the optimizer's moments; and the oscillation history, `train.window` + 2 steps of
+    every parameter (of two numbers per step for models over lab.trainer's _TRACK_PARAMS parameters).
     """
+    from lab import models
+    from lab.trainer import _TRACK_PARAMS
+
     total = 0
     for cfg in cfgs:
         item = 8 if cfg.dtype == "float64" else 4
         width = max(cfg.model.hidden) if cfg.model.kind == "mlp" else 1
         total += (cfg.data.n * (16 + 3 * width) + cfg.data.n_val * (4 + width)) * item * config_mod.n_outputs(cfg)
+        model = models.make(cfg.model.kind, n_outputs=config_mod.n_outputs(cfg), hidden=cfg.model.hidden,
+                            activation=cfg.model.activation)
+        params = sum(math.prod(shape) for shape in model.param_shapes().values())
+        moments = {"adam": 2, "adamw": 2}.get(cfg.optim.name, int(cfg.optim.momentum > 0))
+        history = (cfg.train.window + 2) * (params + 1 if params <= _TRACK_PARAMS else 2)
+        total += (params * (16 + moments) + history) * item
     return total
 
 
@@ -172,5 +186,5 @@ def check_fits(cfgs: list[Config]) -> None:
     need, have = estimate_bytes(cfgs), available_memory()
     if need > 0.8 * have:
         raise ConfigError(f"study too large for memory: needs about {need / 2**30:.1f} GiB for {len(cfgs)} runs, "
-                          f"{have / 2**30:.1f} GiB available; use fewer runs or smaller data.n")
+                          f"{have / 2**30:.1f} GiB available; use fewer runs, a smaller data.n or a smaller model")
 

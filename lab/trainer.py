@@ -271,10 +271,9 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
             m, flat, _, _ = pop.terms(xb, yb3, keep=xb is None and step in row_steps)  # a row reads pop.row_e
             loss, chain = pop.chain(m)
             scale = 1.0 / (batch * pop.k)  # the mean over points and outputs
-            grads = flat * scale if chain is None else flat * (chain * scale)[:, None]  # dL/dtheta [N, P]
-            gnorm = None
-            if clipping:
-                grads, gnorm = clip_by_norm(grads, hyper.clip_grad_norm)
+            gradient = flat * scale if chain is None else flat * (chain * scale)[:, None]  # dL/dtheta [N, P]
+            # the update's: clipped where asked (the logged grad/ tags describe `gradient`, the loss's own)
+            grads = clip_by_norm(gradient, hyper.clip_grad_norm)[0] if clipping else gradient
             gap = loss - pop.ref_loss
             if xb is None:  # full batch: the gap of every step; NaN gap (no reference) counts as above
                 last_above = torch.where(gap <= tol, last_above, step)
@@ -290,7 +289,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
                     # the full training set at log steps only (resolution: log_every steps).
                     last_above = torch.where(gap <= tol, last_above, step)
-                raw = log_row.raw_row(pop, loss, chain, P, grads, gnorm, gap, lr_now)
+                raw = log_row.raw_row(pop, loss, chain, P, gradient, gap, lr_now)
                 histograms = bool(hist_every and on_hist and step % hist_every == 0)
                 log_rows.submit(raw, P, step, histograms, chain)  # its sums and histograms: now, or on the row worker
                 if (len(log_rows) >= flush_every or log_rows.histogram_rows >= histogram_rows

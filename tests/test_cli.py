@@ -401,6 +401,28 @@ def test_sweep_too_large_for_memory_leaves_no_directory(tiny, tmp_path, capsys):
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
+@pytest.mark.parametrize("words", [["model.kind=mlp", "model.hidden=[50000,50000]", "seed=0,1"],
+                                   ["train.window=100000000", "dtype=float64", "seed=" + ",".join(map(str, range(100)))]])
+def test_sweep_too_large_by_its_model_or_window_is_refused(tiny, tmp_path, capsys, words):
+    # The estimate counted data points only: 2 runs of a 2.5-billion-parameter MLP (~16 copies of 10 GB
+    # each; 13-15 measured for MLPs of 1-4 million parameters), or 100 runs with a history of 10^8 steps
+    # (2.4 GB each), started training and died of memory: a torch error as each run's failure, exit 1.
+    rc, _, err = run_in_process(capsys, "sweep", tiny, *words, "--runs-dir", tmp_path / "runs")
+    assert rc == 2 and "too large for memory" in one_error_line(err)
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_the_memory_estimate_grows_with_the_model_and_the_optimizer():
+    def estimate(**flat):
+        return sweeps.estimate_bytes([config.from_flat({"data.n": 50, "data.n_val": 20, **flat})])
+
+    line, mlp = estimate(), estimate(**{"model.kind": "mlp", "model.hidden": [1000, 1000]})
+    params = 1000 + 1000 + 1000 * 1000 + 1000 + 1000 + 1  # the MLP 1 -> 1000 -> 1000 -> 1, weights and biases
+    assert mlp - line >= 16 * 4 * params  # 16 float32 copies a parameter at least
+    adam = estimate(**{"model.kind": "mlp", "model.hidden": [1000, 1000], "optim.name": "adam"})
+    assert adam - mlp == 2 * 4 * params  # its two moments
+
+
 def test_sweep_figures_are_written_atomically(tiny, tmp_path, capsys, monkeypatch):
     written = []
     real = rundir.write_atomic

@@ -140,6 +140,8 @@ BAD = [
     ({"train.batch_size": 500}, "larger than data.n"),
     # Setup costs grow with the steps; data draws seed a generator with 2 * seed + 1, which must fit int64.
     ({"train.steps": 100_000_001}, "train.steps must be <= 100_000_000"),
+    ({"train.window": 10**23}, "train.window must be <= 100_000_000"),  # (its ring of window + 2 steps)
+    ({"optim.lr": 10**400}, "optim.lr: must be a finite number, got an integer of 401 digits"),  # (OverflowError)
     ({"seed": 2**62}, "seed must be < 2**62"),
     # Residual scales below 1e-30 make the loss underflow to 0 (float32's smallest normal is 1.2e-38).
     ({"loss.name": "huber", "loss.delta": 1e-320}, "loss.delta = 1e-320 is below 1e-30"),

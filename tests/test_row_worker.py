@@ -303,9 +303,9 @@ def test_rows_without_a_worker_refuse_more_rows_than_a_flush_holds_and_wait_to_b
     rows = row_worker.Rows(pop, P, capacity=2, worker=False)
     m, flat, _, _ = pop.terms(keep=True)
     for step in range(2):
-        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P, step)
+        rows.submit(log_row.raw_row(pop, m, None, P, flat, m, m), P, step)
     with pytest.raises(RuntimeError, match="more than 2 rows"):
-        rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P, 2)
+        rows.submit(log_row.raw_row(pop, m, None, P, flat, m, m), P, 2)
     raws, steps = rows.collect()
     assert steps == [0, 1] and all(r.sums is not None for r in raws)
     assert rows.collect()[1] == [0, 1]  # until they are cleared (logged)
@@ -323,7 +323,7 @@ def test_closing_does_not_wait_forever_for_a_frozen_worker(monkeypatch):
     pop, P, *_ = population.build(cfgs, datasets, torch.device("cpu"), torch.float32)
     rows = row_worker.Rows(pop, P, capacity=4, worker=True)
     m, flat, _, _ = pop.terms(keep=True)
-    rows.submit(log_row.raw_row(pop, m, None, P, flat, None, m, m), P, 0)
+    rows.submit(log_row.raw_row(pop, m, None, P, flat, m, m), P, 0)
     (raw,), _ = rows.collect()
     assert raw.sums is not None and rows.pid is not None
     pid = rows.pid

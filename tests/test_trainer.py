@@ -440,3 +440,18 @@ def test_histograms_every_step_flush_early_with_the_same_numbers(monkeypatch):
     assert len(usual_hists) == len(early_hists) == 31 * 2
     for a, b in zip(usual_hists, early_hists):
         assert a[:2] == b[:2] and all(np.array_equal(x, y) for x, y in zip(a[2:], b[2:]))
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_the_gradient_tags_describe_the_gradient_before_clipping(model):
+    # grad/norm was the pre-clip norm but grad/max_abs the clipped gradient's largest component: two tags
+    # of one row about different vectors. Expected: at step 0 (the same parameters with or without clipping)
+    # both tags of a clipped run equal the unclipped run's, the gradient of its loss (max_abs above the
+    # clip norm, which bounds every component of the clipped gradient).
+    flat = {"data.kind": "outliers", "data.n": 80, "loss.name": "log_cosh", "train.steps": 3, "train.log_every": 1,
+            "model.kind": model, "model.hidden": [4], "optim.lr": 0.01}
+    _, _, plain = train([cfg(**flat)])
+    _, _, clipped = train([cfg(**flat, **{"optim.clip_grad_norm": 0.01})])
+    for tag in ("grad/norm", "grad/max_abs"):
+        assert series(clipped, tag)[1][0] == series(plain, tag)[1][0]
+    assert series(clipped, "grad/max_abs")[1][0] > 0.01

@@ -61,6 +61,7 @@ def validate(cfg: Config) -> None:
         ("train.hist_every", t.hist_every >= 0, "must be >= 0 (0: off)"),
         ("train.converge_tol", t.converge_tol > 0, "must be > 0"),
         ("train.window", t.window >= 2, "must be >= 2"),
+        ("train.window", t.window <= MAX_STEPS, f"must be <= {MAX_STEPS:_} (its history is window + 2 steps)"),
         ("data.n_val", cfg.data.n_val >= 1, "must be >= 1"),
         ("seed", cfg.seed >= 0, "must be >= 0"),
         ("seed", cfg.seed < MAX_SEED, "must be < 2**62 (the data draw seeds a generator with 2 * seed + 1)"),

@@ -63,7 +63,10 @@ def _coerce(key: str, tp, value):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if isinstance(value, (int, float)):
-            v = float(value)
+            try:
+                v = float(value)
+            except OverflowError:  # an integer past float's range (10**400): no number a float key can hold
+                raise ConfigError(f"{key}: must be a finite number, got an integer of {len(str(abs(value)))} digits") from None
         elif isinstance(value, str):
             try:
                 v = float(value)
