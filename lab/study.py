@@ -140,6 +140,15 @@ def execute(runs: list[Run], runs_dir: Path, figures: bool = False, on_done: Cal
     return runs, interrupted
 
 
+def _error_line(e: BaseException, limit: int = 400) -> str:
+    """A run's error as summary.json's one line: its type and the first line of its message, cut at `limit`
+    characters. Some messages run on for lines (a torch allocation failure carries its C++ stack), which broke
+    the progress line and the report's table; the whole message stays in the summary's `traceback`."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    line = f"{e.__class__.__name__}: {first}" if first else e.__class__.__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def _notify(on_done, run):
     if on_done:
         on_done(run)
@@ -202,7 +211,7 @@ def _train_population(population: list[Run], runs_dir, figures, hkeys, on_done, 
                     break
             return interrupted
         r = population[0]
-        _finish(r, None, "failed", hkeys, None, flats[0], error=f"{e.__class__.__name__}: {e}",
+        _finish(r, None, "failed", hkeys, None, flats[0], error=_error_line(e),
                 trace=traceback.format_exc(limit=8))
         _notify(on_done, r)
         return False

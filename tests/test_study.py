@@ -336,3 +336,22 @@ def test_the_hparams_dashboard_shows_each_runs_own_status(tmp_path):
         content = acc.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[hparams_metadata.SESSION_END_INFO_TAG]
         got[r.name] = (r.summary["status"], hparams_metadata.parse_session_end_info_plugin_data(content).status)
     assert got == {"calm": ("completed", 1), "wild": ("diverged", 2)}
+
+
+def test_a_failed_run_records_its_error_on_one_line_and_whole_in_its_traceback(tmp_path, monkeypatch):
+    # A torch allocation failure carries its C++ stack in the message: the summary's error ran over ~25
+    # lines, and with it the sweep's progress line and the report's table. Expected: the type and the
+    # message's first line; the rest in `traceback`; a message past 400 characters cut there.
+    def fails(*args, **kw):
+        raise RuntimeError("\n[enforce fail at alloc_cpu.cpp:117] not enough memory: you tried to allocate 40 GB\n"
+                           "Exception raised from alloc_cpu at alloc_cpu.cpp:117\nframe #0: c10::Error")
+
+    monkeypatch.setattr(study.trainer, "train", fails)
+    runs = sweeps.sweep_runs({**TINY, "name": "oom"}, {"seed": [0]})
+    study.execute(runs, tmp_path)
+    s = runs[0].summary
+    assert s["status"] == "failed"
+    assert s["error"] == "RuntimeError: [enforce fail at alloc_cpu.cpp:117] not enough memory: you tried to allocate 40 GB"
+    assert "frame #0: c10::Error" in s["traceback"]
+    long = study._error_line(ValueError("x" * 1000))
+    assert len(long) == 400 and long.startswith("ValueError: xxx") and long.endswith("...")
