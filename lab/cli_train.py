@@ -232,11 +232,13 @@ def _resume(runs, sweep_dir: Path):
     todo = []
     for r in runs:
         d = sweep_dir / r.name
+        if d.exists() and not d.is_dir():  # (else every resume would train the run anew into name-2, -3, ...)
+            raise ValueError(f"--resume: {d} is a file, not the run's directory; move it away or use another --name")
         if d.is_dir():
             s = rundir.read_summary(d)
             # (a completed summary without its config cannot vouch for the run: it is trained again)
             if s.get("status") == "completed" and isinstance(s.get("config"), dict):
-                _check_same_config(d, s["config"], rundir.jsonable(config.to_flat(r.config)))
+                _check_same_config(d, s["config"], rundir.jsonable(rundir.config_values(config.to_flat(r.config))))
                 r.summary, r.dir = s, d
                 continue
             r.dir = d

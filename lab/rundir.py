@@ -54,6 +54,13 @@ def create(parent: Path, name: str) -> Path:
     raise RuntimeError(f"no free run directory name for {name!r} in {parent}")
 
 
+def config_values(flat: dict) -> dict:
+    """A flat config (or a run's swept values) as summary.json records it: infinities as the strings "inf" and
+    "-inf". jsonable would make them null, as it does an unset value; loss.alpha = -inf (Welsch) then read
+    as unset in `lab report` and matched any alpha on --resume. (No config value is NaN.)"""
+    return {k: (f"{v}" if isinstance(v, float) and math.isinf(v) else v) for k, v in flat.items()}
+
+
 def jsonable(v):
     """v as summary.json stores it: tuples as lists, NaN and infinities as null (JSON has no NaN)."""
     if isinstance(v, float) and not math.isfinite(v):

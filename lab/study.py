@@ -346,7 +346,8 @@ def _close_events(res: trainer.RunResult | None, hkeys, writer, flat: dict) -> N
 def _write_summary(run: Run, res: trainer.RunResult | None, status: str, flat: dict | None = None,
                    error=None, trace=None) -> None:
     flat = config_mod.to_flat(run.config) if flat is None else flat
-    summary = {"status": status, "name": run.name, "swept": run.swept, "config": flat,
+    summary = {"status": status, "name": run.name, "swept": rundir.config_values(run.swept),
+               "config": rundir.config_values(flat),
                "resolved": _resolved(run.config)}
     if res is not None:
         summary.update(steps=res.steps, params=res.params, reference=res.reference, final=res.final,

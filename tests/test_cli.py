@@ -292,6 +292,34 @@ def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
     assert rc == 2 and "was trained with train.steps = 20, the config now says 30" in one_error_line(err)
 
 
+def test_resume_tells_minus_infinity_from_unset(tiny, tmp_path, capsys):
+    # summary.json stored loss.alpha = -inf (Welsch) as null, as it stores an unset value: a resume with
+    # the default alpha took the Welsch runs for its own, and lab report showed '-'.
+    words = ["sweep", tiny, "loss.name=general", "seed=0,1", "--runs-dir", tmp_path]
+    assert run_in_process(capsys, *words, "loss.alpha=-inf")[0] == 0
+    summary = json.loads((tmp_path / "tiny" / "outliers-general-s0" / "summary.json").read_text())
+    assert summary["config"]["loss.alpha"] == "-inf"
+    rc, _, err = run_in_process(capsys, *words, "--resume")
+    assert rc == 2 and "was trained with loss.alpha = '-inf', the config now says None" in one_error_line(err)
+    rc, _, err = run_in_process(capsys, *words, "loss.alpha=-inf", "--resume")
+    assert rc == 0 and "2 of 2 runs already completed" in err
+    rc, out, _ = run_in_process(capsys, "report", tmp_path / "tiny", "--by", "loss.alpha")
+    assert rc == 0 and out.splitlines()[2].startswith("-inf ")
+
+
+def test_resume_onto_a_file_where_a_run_directory_was_is_refused(tiny, tmp_path, capsys):
+    # Each resume trained the run again into outliers-mse-s1-2, -3, ...: the file kept its name taken.
+    assert run_in_process(capsys, "sweep", tiny, "seed=0,1", "--runs-dir", tmp_path)[0] == 0
+    run = tmp_path / "tiny" / "outliers-mse-s1"
+    for f in run.iterdir():
+        f.unlink()
+    run.rmdir()
+    run.write_text("not a run")
+    rc, _, err = run_in_process(capsys, "sweep", tiny, "seed=0,1", "--runs-dir", tmp_path, "--resume")
+    assert rc == 2 and f"--resume: {run} is a file, not the run's directory" in one_error_line(err)
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir() if p.is_dir()) == ["outliers-mse-s0"]
+
+
 def test_resume_onto_a_file_of_the_sweep_name_is_refused_in_one_line(tiny, tmp_path, capsys):
     (tmp_path / "fileA").write_text("not a sweep")
     rc, _, err = run_in_process(capsys, "sweep", tiny, "seed=0,1", "--name", "fileA", "--runs-dir", tmp_path,
