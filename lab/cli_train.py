@@ -214,7 +214,16 @@ def _study_runs(path: Path, args):
     if not st.grid:
         raise config.ConfigError(f"{path} trains nothing: measure '{st.measure}' measures the loss functions only; "
                                  f"run lab claims")
-    runs = sweeps.name_runs([(config.from_flat({**config.to_flat(cfg), **fixed}), swept) for cfg, swept in st.grid])
+    # A fixed value of a key the study sweeps drops that key from the sweep, as in any config: the runs it
+    # made identical are one run (they were trained once each, as name-2, name-3, ..., with the swept value
+    # they no longer had recorded).
+    grid, seen = [], set()
+    for cfg, swept in st.grid:
+        cfg = config.from_flat({**config.to_flat(cfg), **fixed})
+        if repr(cfg) not in seen:
+            seen.add(repr(cfg))
+            grid.append((cfg, {k: v for k, v in swept.items() if k not in fixed}))
+    runs = sweeps.name_runs(grid)
     base = config.from_flat({"name": path.stem})
     return base, runs
 

@@ -402,6 +402,21 @@ def test_a_claim_study_sweeps_its_own_grid(tmp_path, capsys):
     assert code == 2 and "claim study" in err
 
 
+def test_a_fixed_value_of_a_key_a_claim_study_sweeps_drops_it_from_the_sweep(tmp_path, capsys):
+    # seed=0 on huber_delta.toml (10 seeds) trained each config 10 times (name-2 ... name-10), each summary
+    # recording a swept seed its config did not have. Expected: one run per remaining grid point (2 + 8),
+    # no repeated names, no seed among the swept values, seed 0 in every config.
+    study = Path(__file__).resolve().parents[1] / "experiments" / "huber_delta.toml"
+    code, _, err = run_in_process(capsys, "sweep", str(study), "seed=0", "train.steps=5", "train.figures=false",
+                                  "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    runs = rundir.find_runs(tmp_path / "huber_delta")
+    summaries = [rundir.read_summary(r) for r in runs]
+    assert len(runs) == 10 and not any(r.name.endswith("-2") for r in runs)
+    assert all("seed" not in s["swept"] and s["config"]["seed"] == 0 for s in summaries)
+    assert sorted(s["swept"].get("loss.delta", 0) for s in summaries) == [0, 0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+
+
 @pytest.mark.parametrize("model,params", [("linear", {"slope", "intercept"}), ("constant", {"value"})])
 def test_a_one_element_tau_list_trains_like_a_single_tau(model, params, tiny, tmp_path, capsys):
     # loss.tau=[0.5] used to give a one-output model named slope_0 while the reference answered slope:
