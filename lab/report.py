@@ -60,7 +60,7 @@ def load_runs(root: Path) -> list[dict]:
         if not isinstance(flat, dict):
             flat = _config_from_toml(d)
         rel = d.relative_to(root).as_posix()
-        out.append({"run": d.name if rel == "." else rel, "summary": summary, "config": flat})
+        out.append({"run": d.resolve().name if rel == "." else rel, "summary": summary, "config": flat})  # (".": the folder itself)
     return sorted(out, key=lambda r: _natural(r["run"]))
 
 

@@ -226,3 +226,11 @@ def test_sweep_table_is_typed_and_overrides_take_keys_out_of_it(tmp_path):
         config.load(write(tmp_path, '[sweep]\nseed = ["a"]\n', "c.toml"))
     with pytest.raises(ConfigError, match="'seed' has no values"):
         config.load(write(tmp_path, "[sweep]\nseed = []\n", "d.toml"))
+
+
+@pytest.mark.parametrize("text", ['"loss.name" = "mae"\n[loss]\nname = "huber"\n',
+                                  '[sweep]\n"loss.name" = ["mse"]\n[sweep.loss]\nname = ["mae"]\n'])
+def test_a_key_set_twice_as_dotted_and_in_its_table_is_refused(tmp_path, text):
+    # TOML takes "loss.name" (quoted: one key) beside [loss] name: one of them was silently dropped.
+    with pytest.raises(config.ConfigError, match=r"^loss\.name is set twice"):
+        config.load(write(tmp_path, text))

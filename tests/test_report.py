@@ -7,6 +7,7 @@ import json
 import math
 import statistics
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +198,10 @@ def test_a_hand_written_config_with_a_toml_date_is_reported(sweep, capsys):
     assert report.main(args(sweep, by="seed")) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert "broken" in lines["dated"]
+
+
+def test_a_report_of_the_current_folder_names_its_run(sweep, monkeypatch):
+    # `lab report .` inside a run directory showed an empty run name (Path(".").name is "").
+    monkeypatch.chdir(sweep / "clean-mse-s1")
+    (run,) = report.load_runs(Path("."))
+    assert run["run"] == "clean-mse-s1" and run["summary"]["final"]["loss/train"] == 2.0

@@ -226,13 +226,18 @@ def suggest(key: str, valid) -> str:
 
 
 def flatten(table: dict, prefix: str = "") -> dict[str, Any]:
-    """{'loss': {'delta': 1}} -> {'loss.delta': 1}."""
+    """{'loss': {'delta': 1}} -> {'loss.delta': 1}.
+
+    A key given twice, as a dotted name and in its table (`"loss.name" = "mae"` beside `[loss] name = "huber"`,
+    which TOML allows: the quoted key is one name), is a ConfigError: one of them was silently lost.
+    """
     out = {}
     for k, v in table.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        parts = flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        for key, value in parts.items():
+            if key in out:
+                raise ConfigError(f"{key} is set twice (once as a dotted key, once in its table); keep one")
+            out[key] = value
     return out
 
 
