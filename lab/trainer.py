@@ -70,8 +70,10 @@ class RunResult:
     steps_to_converge: the first step from which the gap to the exact optimum stayed within tolerance
     through the last step trained (metrics.steps_to_converge); None when the run ended above it,
     diverged, or has no exact optimum. An interrupted run's value holds up to its interruption, not
-    necessarily to train.steps; with minibatches it is None, because the gap an interruption leaves
-    may be one minibatch's, while convergence is judged on the full training set at log steps.
+    necessarily to train.steps. With minibatches convergence is judged on the full training set at log
+    steps: the value is the first log step from which the gap stayed within tolerance; None with logging
+    off (the last step is the only one measured) or once interrupted (the gap an interruption leaves may
+    be one minibatch's).
     """
 
     status: str
@@ -287,8 +289,9 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
                     loss, chain = pop.chain(m_full)
                     gap = loss - pop.ref_loss
                     # A minibatch loss is noisy around the full-data optimum, so convergence is judged on
-                    # the full training set at log steps only (resolution: log_every steps).
-                    last_above = torch.where(gap <= tol, last_above, step)
+                    # the full training set at log steps only (resolution: log_every steps). Above the
+                    # tolerance here, the gap is known within it from the next log step on, not the next step.
+                    last_above = torch.where(gap <= tol, last_above, next_row.get(step, steps + 1) - 1)
                 raw = log_row.raw_row(pop, loss, chain, P, gradient, gap, lr_now)
                 histograms = bool(hist_every and on_hist and step % hist_every == 0)
                 log_rows.submit(raw, P, step, histograms, chain)  # its sums and histograms: now, or on the row worker
@@ -297,7 +300,8 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
                     flush()
                     if should_stop and should_stop():
                         raise KeyboardInterrupt
-            if step == steps:
+            if step == steps:  # no update follows: the loss of the last parameters is checked here
+                active &= (loss - loss) == 0
                 break
 
             # -- update, then stop runs that left the finite numbers (their parameters stay frozen)
@@ -343,8 +347,10 @@ def _results(cfgs, pop, P, active, alive, last_above, gap, tol, refs, shapes, ta
     named_all = shapes.named(P_cpu)
     last = last_row["values"][:, inverse.argsort()] if last_row else np.full((len(tags), N), np.nan)  # run order
     last = last.tolist()
-    # An interruption can land mid-step, where `gap` may still be a minibatch's (see RunResult).
-    minibatch_gap = interrupted and 0 < cfgs[0].train.batch_size < pop.y3.shape[1]
+    # An interruption can land mid-step, where `gap` may still be a minibatch's (see RunResult); with
+    # minibatches and logging off the full-set gap is measured at the last step only: nothing to date.
+    minibatch = 0 < cfgs[0].train.batch_size < pop.y3.shape[1]
+    minibatch_gap = minibatch and (interrupted or cfgs[0].train.log_every == 0)
     results = []
     for i, c in enumerate(cfgs):
         one = {kk: v[i].clone() for kk, v in named_all.items()}

@@ -1,6 +1,7 @@
 """The population trainer: exact optima, equivalence with runs alone and with torch.optim, behaviour metrics."""
 
 import dataclasses
+import math
 import signal
 
 import numpy as np
@@ -276,7 +277,12 @@ def test_minibatch_convergence_is_judged_on_the_full_training_set():
     tol = 1e-3 * res.reference["loss"]
     after = steps >= res.steps_to_converge
     assert (gaps[after] <= tol).all() and gaps[~after][-1] > tol
-    assert res.steps_to_converge % 10 == 1  # the step after a log step where the gap was last above
+    # a log step: the first from which the gap stayed within tolerance (it was the step after the last log
+    # step above, 9 steps before any measurement had said so)
+    assert res.steps_to_converge % 10 == 0
+    # Logging off: the full-set gap is measured at the last step only, so no step is claimed (it was 0).
+    (off,), _, _ = train([cfg(**{**config.to_flat(c), "train.log_every": 0})])
+    assert off.status == "completed" and off.final["convergence/gap"] <= tol and off.steps_to_converge is None
 
 
 def test_tiny_targets_converge_by_the_relative_rule():
@@ -455,3 +461,14 @@ def test_the_gradient_tags_describe_the_gradient_before_clipping(model):
     for tag in ("grad/norm", "grad/max_abs"):
         assert series(clipped, tag)[1][0] == series(plain, tag)[1][0]
     assert series(clipped, "grad/max_abs")[1][0] > 0.01
+
+
+def test_a_loss_that_leaves_the_finite_numbers_at_the_last_step_is_a_divergence():
+    # lr 3 on MSE multiplies the error each step: the loss is finite through step 24 and inf at step 25.
+    # With train.steps = 25 the loop left before checking the last loss: 'completed' with loss inf; with
+    # 26 steps the same run was 'diverged' at 25. Expected: diverged at step 25 either way, after 25 updates.
+    for steps in (25, 26):
+        c = cfg(**{"dtype": "float32", "data.n": 50, "optim.lr": 3.0, "train.steps": steps, "train.log_every": 0})
+        (res,), _, _ = train([c])
+        assert (res.status, res.steps, res.diverged_step) == ("diverged", 25, 25), steps
+        assert math.isinf(res.final["loss/train"]) and all(math.isfinite(v) for v in res.last_finite.values())
