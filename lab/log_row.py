@@ -24,6 +24,7 @@ the row they serve).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,7 @@ class RawRow:
     grads: torch.Tensor | None  # [N, P] a copy of the gradient (line models): tag_rows takes both
     has_grad: torch.Tensor | None  # [N] 0/1, rmse populations only (a run at zero loss has no gradient)
     histograms: torch.Tensor | None = None  # row_histograms, at a histogram step (lab.row_worker.Rows adds them)
+    wall_time: float = 0.0  # when the row's step was taken (time.time()): its events' wall time
 
 
 def row_sums_size(pop) -> int:
@@ -125,7 +127,7 @@ def raw_row(pop, loss, chain, P, gradient, gap, lr) -> RawRow:
     else:
         grad, grads = torch.stack([torch.linalg.vector_norm(gradient, dim=-1), gradient.abs().amax(-1)]), None
     return RawRow(sums=None, loss=loss, gap=gap, lr=lr, P=P.clone() if line else None, grad=grad, grads=grads,
-                  has_grad=None if chain is None else (chain != 0).to(P.dtype))
+                  has_grad=None if chain is None else (chain != 0).to(P.dtype), wall_time=time.time())
 
 
 def tag_rows(pop, raws: list[RawRow], history: torch.Tensor) -> torch.Tensor:

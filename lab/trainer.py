@@ -106,7 +106,7 @@ class LogBlock:
     steps: np.ndarray  # [S]
     tags: tuple[str, ...]
     values: np.ndarray  # [S, T, N]
-    wall_time: float
+    wall_time: np.ndarray  # [S] seconds since the epoch: when each row's step was taken
 
 
 def population_key(cfg: Config) -> tuple:
@@ -179,6 +179,7 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
     device, dtype = resolve_device(cfg0.device), getattr(torch, cfg0.dtype)
     steps, log_every, window = cfg0.train.steps, cfg0.train.log_every, cfg0.train.window
     hist_every = cfg0.train.hist_every if log_every else 0
+    next_histogram = 0  # the step from which the next row takes histograms
 
     pop, P, refs, tol, named_keys, shapes = population.build(cfgs, datasets, device, dtype)
     pop.compiled = compile and pop.model.kind in ("linear", "constant")
@@ -248,17 +249,20 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
 
     def flush():
         raws, logged_steps = log_rows.collect()  # the rows since the last flush, with their sums
-        for raw, step in zip(raws, logged_steps):
-            if raw.histograms is not None:
-                log_row.emit_histograms(step, raw.histograms, on_hist, inverse)
-                raw.histograms = None  # at most once: a flush interrupted after this logs the row's scalars again, not these
-        if raws:
-            rows = log_row.tag_rows(pop, raws, history.tags(logged_steps))  # [S, T, N], all rows at once
-            block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush
-            last_row["values"], last_row["step"] = block[-1], logged_steps[-1]
-            if on_log and log_every:
-                on_log(LogBlock(np.array(logged_steps), tags, block, time.time()))
-        log_rows.clear()  # (interrupted before this, the final flush logs these rows)
+        # Logged and cleared with signals held: a Ctrl-C after the callbacks had the rows but before the
+        # clear made the final flush log them again (every point of the flush twice in the event files).
+        with gate.held():
+            for raw, step in zip(raws, logged_steps):
+                if raw.histograms is not None:
+                    log_row.emit_histograms(step, raw.histograms, on_hist, inverse)
+                    raw.histograms = None  # at most once
+            if raws:
+                rows = log_row.tag_rows(pop, raws, history.tags(logged_steps))  # [S, T, N], all rows at once
+                block = rows.cpu().numpy()[:, :, inverse]  # one host copy per flush
+                last_row["values"], last_row["step"] = block[-1], logged_steps[-1]
+                if on_log and log_every:
+                    on_log(LogBlock(np.array(logged_steps), tags, block, np.array([r.wall_time for r in raws])))
+            log_rows.clear()
 
     try:
         for step in range(steps + 1):
@@ -293,7 +297,10 @@ def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, w
                     # tolerance here, the gap is known within it from the next log step on, not the next step.
                     last_above = torch.where(gap <= tol, last_above, next_row.get(step, steps + 1) - 1)
                 raw = log_row.raw_row(pop, loss, chain, P, gradient, gap, lr_now)
-                histograms = bool(hist_every and on_hist and step % hist_every == 0)
+                # at the first row on or after each multiple of hist_every (rows come every log_every steps)
+                histograms = bool(hist_every and on_hist and step >= next_histogram)
+                if histograms:
+                    next_histogram = (step // hist_every + 1) * hist_every
                 log_rows.submit(raw, P, step, histograms, chain)  # its sums and histograms: now, or on the row worker
                 if (len(log_rows) >= flush_every or log_rows.histogram_rows >= histogram_rows
                         or history.must_flush(log_rows.first_step, next_row.get(step))):

@@ -355,3 +355,78 @@ def test_a_failed_run_records_its_error_on_one_line_and_whole_in_its_traceback(t
     assert "frame #0: c10::Error" in s["traceback"]
     long = study._error_line(ValueError("x" * 1000))
     assert len(long) == 400 and long.startswith("ValueError: xxx") and long.endswith("...")
+
+
+def _session_status(run_dir) -> int | None:
+    """The HParams session status TensorBoard reads from a run's event files (1 success, 2 failure, 0 unknown)."""
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent(hparams_metadata.PLUGIN_NAME).get(hparams_metadata.SESSION_END_INFO_TAG)
+    return None if content is None else hparams_metadata.parse_session_end_info_plugin_data(content).status
+
+
+def test_failed_and_never_started_runs_show_in_the_hparams_dashboard(tmp_path, monkeypatch):
+    # A failed run's event file was deleted (for the retry alone) and none written after; the runs of a
+    # population a Ctrl-C stopped before it started had none either: TensorBoard did not list them.
+    # Expected: an event file with the hparams and the end status (failure; unknown for interrupted).
+    real = study.trainer.train
+
+    def mae_fails(cfgs, *args, **kw):
+        if any(c.loss.name == "mae" for c in cfgs):
+            raise RuntimeError("no mae today")
+        return real(cfgs, *args, **kw)
+
+    monkeypatch.setattr(study.trainer, "train", mae_fails)
+    runs = _runs("mse", "mae")
+    study.execute(runs, tmp_path)
+    assert [r.summary["status"] for r in runs] == ["completed", "failed"]
+    assert [_session_status(r.dir) for r in runs] == [1, 2]
+    # Two populations (different step counts); the first is stopped by a Ctrl-C, the second never starts.
+    calls = []
+
+    def interrupted(cfgs, *args, **kw):
+        calls.append(len(cfgs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study.trainer, "train", interrupted)
+    cut = [sweeps.Run(config=config.from_flat({**TINY, "train.steps": s}), name=f"cut{s}") for s in (20, 30)]
+    _, stopped = study.execute(cut, tmp_path / "cut")
+    assert stopped and calls == [1] and [r.summary["status"] for r in cut] == ["interrupted", "interrupted"]
+    assert [_session_status(r.dir) for r in cut] == [0, 0]
+
+
+def test_a_ctrl_c_while_a_flush_is_logged_logs_it_once(tmp_path, monkeypatch):
+    # A real SIGINT just after the flush's scalars were buffered (before the rows were cleared): the final
+    # flush logged the same rows again, so every point of that flush was twice in the event file.
+    real, blocks = study._Flusher.__call__, []
+
+    def ctrl_c_after_the_first_block(self, block_end):
+        blocks.append(block_end)
+        if block_end and blocks.count(True) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, block_end)
+
+    monkeypatch.setattr(study._Flusher, "__call__", ctrl_c_after_the_first_block)
+    runs = [sweeps.Run(config=config.from_flat({**TINY, "train.steps": 30}), name="once")]
+    _, interrupted = study.execute(runs, tmp_path, flush_every=2)
+    assert interrupted and runs[0].summary["status"] == "interrupted"
+    acc = EventAccumulator(str(runs[0].dir))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/train")]
+    assert steps == sorted(set(steps)) and steps[:2] == [0, 10]
+
+
+def test_with_logging_off_no_custom_scalars_layout_is_written(tmp_path):
+    # The layout charts the scalars logged over the steps; with train.log_every = 0 there are none, and
+    # its 19 charts were all empty.
+    runs = [sweeps.Run(config=config.from_flat({**TINY, "train.log_every": 0}), name="off"),
+            sweeps.Run(config=config.from_flat(TINY), name="on")]
+    study.execute(runs, tmp_path)
+    tags = {}
+    for r in runs:
+        acc = EventAccumulator(str(r.dir))
+        acc.Reload()
+        tags[r.name] = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+    assert "custom_scalars__config__" not in tags["off"] and "custom_scalars__config__" in tags["on"]

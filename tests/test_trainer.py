@@ -472,3 +472,17 @@ def test_a_loss_that_leaves_the_finite_numbers_at_the_last_step_is_a_divergence(
         (res,), _, _ = train([c])
         assert (res.status, res.steps, res.diverged_step) == ("diverged", 25, 25), steps
         assert math.isinf(res.final["loss/train"]) and all(math.isfinite(v) for v in res.last_finite.values())
+
+
+def test_histograms_come_at_each_multiple_of_hist_every_and_rows_carry_their_own_wall_time():
+    # Histograms were taken at rows whose step is a multiple of hist_every: with log_every = 30 and
+    # hist_every = 200 that is every 600 steps. Expected: at the first row on or after each multiple.
+    # And every row of a flush carried the flush's one wall time (TensorBoard's relative and wall axes
+    # then stack 50 points on one instant); each row now has the time its step was taken.
+    c = cfg(**{"data.n": 50, "train.steps": 1000, "train.log_every": 30, "train.hist_every": 200})
+    hists = []
+    _, _, blocks = train([c], on_hist=lambda step, tag, *a: hists.append((step, tag)))
+    assert sorted({s for s, _ in hists}) == [0, 210, 420, 600, 810, 1000]
+    assert all(len(b.wall_time) == len(b.steps) for b in blocks)
+    times = np.concatenate([b.wall_time for b in blocks])
+    assert (np.diff(times) >= 0).all() and times[-1] > times[0] and len(set(blocks[0].wall_time.tolist())) > 1

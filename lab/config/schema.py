@@ -141,7 +141,7 @@ class TrainConfig:
     log_every: int = 10
     """steps between scalar logs (0: off; the final values are still measured for summary.json)"""
     hist_every: int = 200
-    """steps between histograms (0: off)"""
+    """steps between histograms (0: off), taken at the first log step on or after each multiple"""
     converge_tol: float = 1e-3
     """converged once the gap to the exact optimum stays below converge_tol * max(|optimal loss|, eps * loss of predicting 0)"""
     window: int = 50
