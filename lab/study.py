@@ -120,8 +120,9 @@ def execute(runs: list[Run], runs_dir: Path, figures: bool = False, on_done: Cal
     for r in runs:
         groups.setdefault(trainer.population_key(r.config), []).append(r)
     hkeys = list(dict.fromkeys(list(HPARAM_KEYS) + [k for r in runs for k in r.swept]))
-    # Files are synced in batches, not one fsync each: see _train_population for the order.
-    with _Stop() as stop, atomic.deferred_sync():
+    # Files are synced in batches, not one fsync each: see _train_population for the order. The collector
+    # leaves the objects of the study's start alone throughout (trainer.frozen_gc).
+    with _Stop() as stop, atomic.deferred_sync(), trainer.frozen_gc():
         for population in groups.values():
             if interrupted:
                 for r in population:

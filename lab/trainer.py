@@ -33,6 +33,8 @@ and the callbacks are never called; one row is still computed at the last step, 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -161,10 +163,33 @@ def train(cfgs: list[Config], datasets: list[Dataset], on_log: Callable[[LogBloc
     if one_thread:
         torch.set_num_threads(1)
     try:
-        return _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, row_worker_process)
+        with frozen_gc():
+            return _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, row_worker_process)
     finally:
         if one_thread:
             torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Keep the objects alive on entry (modules, configs, datasets: ~200,000 in a study's process) out of the
+    cyclic garbage collector's reach until exit (gc.freeze, then gc.unfreeze).
+
+    A logged study allocates enough small objects to trigger about one full collection. It scanned all
+    of them (~0.1 s), and after the row worker's fork it also wrote to every object's header, so that
+    the pages they sit on were copied. Measured on a default-cadence 200-run study: 2.50 -> 2.26 s
+    (median of four fresh-process pairs). Logging off triggered none and is unchanged. Objects made
+    inside stay collectable as usual. Nested, and where the caller has frozen objects itself, this does
+    nothing: gc.unfreeze would give back theirs too.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _train(cfgs, datasets, on_log, on_hist, flush_every, should_stop, compile, worker) -> list[RunResult]:

@@ -486,3 +486,24 @@ def test_histograms_come_at_each_multiple_of_hist_every_and_rows_carry_their_own
     assert all(len(b.wall_time) == len(b.steps) for b in blocks)
     times = np.concatenate([b.wall_time for b in blocks])
     assert (np.diff(times) >= 0).all() and times[-1] > times[0] and len(set(blocks[0].wall_time.tolist())) > 1
+
+
+def test_the_collector_leaves_the_objects_of_the_start_alone_while_training():
+    # A logged study triggered about one full collection, which scanned ~200,000 objects of the process's
+    # start and, after the row worker's fork, copied the pages they sit on (2.50 -> 2.26 s measured).
+    # Expected: those objects frozen while training, given back after; a caller's own freeze untouched.
+    import gc
+
+    frozen_while_logging = []
+    c = cfg(**{"data.n": 40, "train.steps": 20, "train.log_every": 10})
+    datasets = [data.make(c.data.kind, seed=c.seed, **config.data_params(c.data))]
+    assert gc.get_freeze_count() == 0
+    trainer.train([c], datasets, on_log=lambda b: frozen_while_logging.append(gc.get_freeze_count()))
+    assert frozen_while_logging and min(frozen_while_logging) > 1000 and gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's: kept frozen, and not given back by the trainer
+    try:
+        before = gc.get_freeze_count()
+        trainer.train([c], datasets)
+        assert gc.get_freeze_count() >= before > 0
+    finally:
+        gc.unfreeze()
