@@ -322,12 +322,12 @@ def _config_markdown(flat: dict) -> str:
 def _finish(run: Run, res: trainer.RunResult | None, status: str, hkeys, writer, flat: dict | None = None,
             error=None, trace=None) -> None:
     """Close the event file (with the hparams record) and write summary.json (atomically)."""
-    flat_or_own = config_mod.to_flat(run.config) if flat is None else flat
+    flat = config_mod.to_flat(run.config) if flat is None else flat
     try:
         # A run with no event file (it failed, or a Ctrl-C came before its population started) gets one
         # with its hparams and end status: TensorBoard's HParams dashboard lists every run of a study.
         writer = EventWriter(run.dir) if writer is None else writer
-        _close_events(res, hkeys, writer, flat_or_own, status)
+        _close_events(res, hkeys, writer, flat, status)
     except OSError as e:  # (no event file, then: the summary still says what happened)
         print(f"note: {run.name}: event file not written: {e}", file=sys.stderr)
     _write_summary(run, res, status, flat, error, trace)
@@ -340,18 +340,16 @@ _SESSION_STATUS = {"completed": "success", "diverged": "failure", "failed": "fai
 def _close_events(res: trainer.RunResult | None, hkeys, writer, flat: dict, status: str | None = None) -> None:
     """The custom-scalars layout (where scalars were logged over the steps) and the hparams record with the
     run's end status (its final metrics where it has results, NaN where not), then close."""
-    status = res.status if res is not None else status
-    if status is not None:
-        if res is not None and flat.get("train.log_every"):  # (logging off: no series for the layout's charts)
-            writer.add_summary(custom_scalars_layout(res.final), step=0)
-        hparams = {k: _hparam_value(flat.get(k)) for k in hkeys}
-        final = res.final if res is not None else {}
-        metrics = {m: final.get(tag, float("nan")) for m, tag in FINAL_METRICS.items()}
-        # experiment=False: TensorBoard unions the hparams of every run below --logdir, so runs of
-        # sweeps with different swept keys all show their columns (with one experiment summary per
-        # run, the plugin would take an arbitrary run's columns for all).
-        writer.add_hparams(hparams, metrics, step=max(res.steps, 0) if res is not None else 0, experiment=False,
-                           status=_SESSION_STATUS[status])
+    if res is not None and flat.get("train.log_every"):  # (logging off: no series for the layout's charts)
+        writer.add_summary(custom_scalars_layout(res.final), step=0)
+    hparams = {k: _hparam_value(flat.get(k)) for k in hkeys}
+    final = res.final if res is not None else {}
+    metrics = {m: final.get(tag, float("nan")) for m, tag in FINAL_METRICS.items()}
+    # experiment=False: TensorBoard unions the hparams of every run below --logdir, so runs of
+    # sweeps with different swept keys all show their columns (with one experiment summary per
+    # run, the plugin would take an arbitrary run's columns for all).
+    writer.add_hparams(hparams, metrics, step=max(res.steps, 0) if res is not None else 0, experiment=False,
+                       status=_SESSION_STATUS[res.status if res is not None else status])
     writer.close()
 
 
