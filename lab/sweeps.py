@@ -3,6 +3,7 @@ runs fit in memory. lab.study trains them."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -154,7 +155,6 @@ def estimate_bytes(cfgs: list[Config]) -> int:
     parameters) and the optimizer's moments; and the oscillation history, `train.window` + 2 steps of
     every parameter (of two numbers per step for models over lab.trainer's _TRACK_PARAMS parameters).
     """
-    from lab import models
     from lab.trainer import _TRACK_PARAMS
 
     total = 0
@@ -162,13 +162,21 @@ def estimate_bytes(cfgs: list[Config]) -> int:
         item = 8 if cfg.dtype == "float64" else 4
         width = max(cfg.model.hidden) if cfg.model.kind == "mlp" else 1
         total += (cfg.data.n * (16 + 3 * width) + cfg.data.n_val * (4 + width)) * item * config_mod.n_outputs(cfg)
-        model = models.make(cfg.model.kind, n_outputs=config_mod.n_outputs(cfg), hidden=cfg.model.hidden,
-                            activation=cfg.model.activation)
-        params = sum(math.prod(shape) for shape in model.param_shapes().values())
+        params = _parameter_count(cfg.model.kind, config_mod.n_outputs(cfg), tuple(cfg.model.hidden),
+                                  cfg.model.activation)
         moments = {"adam": 2, "adamw": 2}.get(cfg.optim.name, int(cfg.optim.momentum > 0))
         history = (cfg.train.window + 2) * (params + 1 if params <= _TRACK_PARAMS else 2)
         total += (params * (16 + moments) + history) * item
     return total
+
+
+@functools.cache
+def _parameter_count(kind: str, n_outputs: int, hidden: tuple[int, ...], activation: str) -> int:
+    """Parameters of one run's model (lab.models' own shapes), once per distinct model of a study."""
+    from lab import models
+
+    shapes = models.make(kind, n_outputs=n_outputs, hidden=hidden, activation=activation).param_shapes()
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def available_memory() -> int:
